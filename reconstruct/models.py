@@ -1,0 +1,358 @@
+"""Model access: find a causal LM's parts generically and stream one block's weights at a time.
+
+The model is built as a skeleton whose parameters live on the `meta` device (no memory). Weights are
+read straight from the checkpoint's safetensors shards when a block is processed, and written back in
+the checkpoint's own tensor names and layout, so the output loads exactly as the input did.
+
+One code path serves every family. What differs between families is confined to `FAMILY_HINTS`: how
+a checkpoint names a block's tensors when that differs from the modules' names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's structure is not one the engine can walk block by block."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's files are missing, truncated, corrupted or incomplete."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-family hints: (pattern in the model's naming, replacement in the checkpoint's naming).
+# transformers >= 5 fuses Mixtral's experts in memory but saves and loads the per-expert layout below.
+FAMILY_HINTS: dict[str, list[tuple[str, str]]] = {
+    "mixtral": [
+        (r"\.mlp\.experts\.(\d+)\.gate_proj\.", r".block_sparse_moe.experts.\1.w1."),
+        (r"\.mlp\.experts\.(\d+)\.up_proj\.", r".block_sparse_moe.experts.\1.w3."),
+        (r"\.mlp\.experts\.(\d+)\.down_proj\.", r".block_sparse_moe.experts.\1.w2."),
+        (r"\.mlp\.gate\.", r".block_sparse_moe.gate."),
+    ],
+}
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+TOKENIZER_AND_CONFIG_PATTERNS = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating and reading the checkpoint
+def resolve_checkpoint_dir(model: str | os.PathLike) -> Path:
+    """A local directory as is; a hub id downloaded (config, tokenizer, safetensors) to the cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint's directory instead")
+        return path
+    looks_local = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
+    if looks_local:
+        raise CheckpointError(f"model path {path} does not exist; check the path, or pass a hub id "
+                              "such as meta-llama/Llama-2-7b-hf")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=TOKENIZER_AND_CONFIG_PATTERNS
+                                      + ["*.safetensors", "*.safetensors.index.json"]))
+    except Exception as error:  # offline, unknown repo, gated repo: all need the user's action
+        raise CheckpointError(
+            f"could not fetch {model!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
+            "Pass a local checkpoint directory, or check the name, your network and `hf auth login`."
+        ) from error
+
+
+class CheckpointReader:
+    """Reads individual tensors from a directory of safetensors shards, by checkpoint name."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.file_of: dict[str, str] = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        from safetensors import safe_open
+
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            return dict(json.loads(index.read_text())["weight_map"])
+        single = self.directory / "model.safetensors"
+        if single.exists():
+            try:
+                with safe_open(str(single), "pt") as shard:
+                    return {name: single.name for name in shard.keys()}
+            except Exception as error:
+                raise CheckpointError(f"{single} is not a readable safetensors file ({error}); "
+                                      "re-download or re-save the checkpoint") from error
+        others = sorted(p.name for p in self.directory.glob("*.bin"))
+        hint = (" It has PyTorch .bin weights: convert them once with "
+                "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)`.") if others else ""
+        raise CheckpointError(f"no safetensors weights in {self.directory} (looked for "
+                              f"{' or '.join(WEIGHT_FILES)}).{hint}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the checkpoint's first floating-point tensor."""
+        for name in self.file_of:
+            tensor = self.get(name)
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.file_of:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
+                                  "the shards are incomplete or belong to another model")
+        shard = self.directory / self.file_of[name]
+        try:
+            with safe_open(str(shard), "pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        except FileNotFoundError as error:
+            raise CheckpointError(f"shard {shard} listed in the index is missing; re-download it") from error
+        except Exception as error:
+            raise CheckpointError(f"cannot read {name!r} from {shard}: the file is truncated or "
+                                  f"corrupted ({error}); re-download or re-save it") from error
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused mixture-of-experts weights, unfused so that each expert's matrices are ordinary linears
+class ExpertMLP(nn.Module):
+    """One expert as three linears: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn, dtype, device):
+        super().__init__()
+        make = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(hidden, intermediate, **make)
+        self.up_proj = nn.Linear(hidden, intermediate, **make)
+        self.down_proj = nn.Linear(intermediate, hidden, **make)
+        self.act_fn = act_fn
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Replaces transformers' fused experts (3-D `gate_up_proj`, `down_proj`) with per-expert linears.
+
+    The forward reproduces the fused one: each token goes to its top-k experts and their outputs are
+    summed with the router's weights. Per-expert linears let hooks see exactly the tokens routed to an
+    expert, which is what Wanda's norms and SparseGPT's Hessian must be computed from. As a ModuleList
+    its tensors are named `experts.{e}.gate_proj.weight`, the layout checkpoints are saved in.
+    """
+
+    def __init__(self, fused: nn.Module):
+        experts, intermediate2, hidden = fused.gate_up_proj.shape
+        super().__init__(
+            ExpertMLP(hidden, intermediate2 // 2, fused.act_fn, fused.gate_up_proj.dtype, "meta")
+            for _ in range(experts))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        output = torch.zeros_like(hidden_states)
+        for expert_index, expert in enumerate(self):
+            token_index, slot = torch.where(top_k_index == expert_index)
+            if token_index.numel() == 0:
+                continue
+            routed = expert(hidden_states[token_index]) * top_k_weights[token_index, slot, None]
+            output.index_add_(0, token_index, routed.to(output.dtype))
+        return output
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    params = dict(module.named_parameters(recurse=False))
+    return ("gate_up_proj" in params and "down_proj" in params and params["gate_up_proj"].dim() == 3
+            and hasattr(module, "act_fn") and not any(name.endswith("bias") for name in params))
+
+
+def unfuse_experts(block: nn.Module) -> None:
+    """Swap every fused-experts module inside `block` for an UnfusedExperts (on meta, to be loaded)."""
+    for name, module in list(block.named_modules()):
+        if name and is_fused_experts(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, UnfusedExperts(module))
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelAdapter:
+    """A skeleton model plus where its blocks are and how its tensors are named in the checkpoint."""
+
+    model: nn.Module
+    config: object
+    checkpoint: CheckpointReader
+    blocks_path: str
+    storage_dtype: torch.dtype
+    model_type: str
+    name_hints: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.blocks_path)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}"
+
+    # -- naming -------------------------------------------------------------------------------------
+    def checkpoint_name(self, model_name: str) -> str:
+        """The checkpoint's name for a tensor the model calls `model_name`."""
+        candidates = [model_name]
+        renamed = model_name
+        for pattern, replacement in self.name_hints:
+            renamed = re.sub(pattern, replacement, renamed)
+        candidates.insert(0, renamed)
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        for name in list(candidates):
+            if prefix != "." and name.startswith(prefix):
+                candidates.append(name[len(prefix):])  # older checkpoints omit the base prefix
+        for name in candidates:
+            if name in self.checkpoint:
+                return name
+        raise CheckpointError(
+            f"tensor {model_name!r} (tried {candidates}) is missing from the checkpoint in "
+            f"{self.checkpoint.directory}; the shards are incomplete or the layout is not one this "
+            f"version knows for model_type={self.model_type!r}")
+
+    # -- loading and releasing weights ---------------------------------------------------------------
+    def load_module(self, module_name: str, dtype: torch.dtype | None = None) -> nn.Module:
+        """Materialise one submodule's parameters from the checkpoint (in `dtype`, default the run's)."""
+        module = self.model.get_submodule(module_name)
+        state = {}
+        for name in module.state_dict(keep_vars=True):
+            full = f"{module_name}.{name}" if module_name else name
+            state[name] = self.checkpoint.get(self.checkpoint_name(full)).to(dtype or self.storage_dtype)
+        module.load_state_dict(state, strict=True, assign=True)
+        return module
+
+    def load_block(self, index: int) -> nn.Module:
+        return self.load_module(self.block_name(index))
+
+    def release(self, module: nn.Module) -> None:
+        """Return a module's parameters to the meta device, freeing their memory."""
+        module.to("meta")
+
+    def module_tensors(self, module_name: str) -> dict[str, torch.Tensor]:
+        """A loaded module's tensors keyed by checkpoint name, in the storage dtype, contiguous."""
+        module = self.model.get_submodule(module_name)
+        return {self.checkpoint_name(f"{module_name}.{name}"): tensor.detach().to("cpu", self.storage_dtype)
+                .contiguous() for name, tensor in module.state_dict().items()}
+
+    def block_checkpoint_names(self) -> set[str]:
+        names = set()
+        for index, block in enumerate(self.blocks):
+            names.update(self.checkpoint_name(f"{self.block_name(index)}.{name}") for name in block.state_dict())
+        return names
+
+    def non_block_names(self) -> list[str]:
+        """Checkpoint names of every tensor outside the blocks (embeddings, final norm, head, …)."""
+        in_blocks = self.block_checkpoint_names()
+        return [name for name in self.checkpoint.file_of if name not in in_blocks]
+
+    def _non_block_parameters(self):
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if not name.startswith(self.blocks_path + "."):
+                module_name, _, leaf = name.rpartition(".")
+                yield name, self.model.get_submodule(module_name), leaf, param
+
+    def load_embeddings(self) -> None:
+        """Materialise the non-block modules that compute block 0's inputs; the head stays on meta."""
+        head = self.model.get_output_embeddings()
+        head_only = set()
+        if head is not None and head.weight is not self.model.get_input_embeddings().weight:
+            head_only = {id(p) for p in head.parameters()}
+        for name, module, leaf, param in self._non_block_parameters():
+            if param.is_meta and id(param) not in head_only:
+                value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
+                setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+
+    def release_embeddings(self) -> None:
+        for _, module, leaf, param in self._non_block_parameters():
+            setattr(module, leaf, nn.Parameter(param.to("meta"), requires_grad=False))
+
+
+def find_blocks(model: nn.Module, num_layers: int | None) -> str:
+    """The dotted path of the ModuleList holding the decoder blocks, found by shape, not by name."""
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child) for child in module}
+            has_linear = any(isinstance(m, nn.Linear) for m in module[0].modules()) or any(
+                is_fused_experts(m) for m in module[0].modules())
+            if len(kinds) == 1 and has_linear:
+                candidates.append((len(module) == num_layers, len(module), name))
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: could not find the decoder blocks (an nn.ModuleList of identical "
+            "blocks containing linear layers). This architecture is not supported yet.")
+    candidates.sort(reverse=True)
+    return candidates[0][2]
+
+
+def open_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
+               attn_implementation: str | None = "sdpa") -> ModelAdapter:
+    """Open a checkpoint lazily: a weightless skeleton and a reader for its shards."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = resolve_checkpoint_dir(model)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as error:
+        raise UnsupportedModelError(f"cannot read a transformers config in {directory}: {error}") from error
+    reader = CheckpointReader(directory)
+    storage_dtype = dtype or _config_dtype(config) or reader.dtype()
+    try:
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=storage_dtype,
+                                                        attn_implementation=attn_implementation)
+    except ValueError as error:
+        raise UnsupportedModelError(
+            f"{directory}: model_type={getattr(config, 'model_type', '?')!r} is not a causal "
+            f"language model transformers can build ({error})") from error
+    skeleton.eval()
+    blocks_path = find_blocks(skeleton, getattr(config, "num_hidden_layers", None))
+    for block in skeleton.get_submodule(blocks_path):
+        unfuse_experts(block)
+    model_type = getattr(config, "model_type", "")
+    return ModelAdapter(model=skeleton, config=config, checkpoint=reader, blocks_path=blocks_path,
+                        storage_dtype=storage_dtype, model_type=model_type,
+                        name_hints=FAMILY_HINTS.get(model_type, []))
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def prunable_linears(block: nn.Module, include: list[str] | None = None) -> dict[str, nn.Linear]:
+    """The block's linear layers (by name relative to the block), optionally filtered by patterns.
+
+    `include` holds regular expressions matched against the names (e.g. "mlp" or "q_proj|k_proj").
+    Routers of mixtures of experts are never pruned: their few outputs decide where tokens go.
+    """
+    linears = {name: module for name, module in block.named_modules()
+               if isinstance(module, nn.Linear) and not _is_router(name, module)}
+    if include:
+        linears = {name: m for name, m in linears.items() if any(re.search(p, name) for p in include)}
+    return linears
+
+
+def _is_router(name: str, module: nn.Linear) -> bool:
+    return name.endswith((".gate", ".router")) and module.out_features < 256
