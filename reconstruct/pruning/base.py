@@ -1,0 +1,94 @@
+"""The interface every pruning method implements, and the mask-selection helpers they share.
+
+Masks are boolean with True = weight kept (the convention of MaskLoRA's M).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..stats import InputStatistics
+
+
+class PruningError(ValueError):
+    """Bad pruning settings, or a layer whose statistics cannot be used."""
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Semi-structured sparsity: at most `n` non-zeros in every `m` consecutive inputs of a row."""
+
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str) -> "NMPattern":
+        try:
+            n, m = (int(part) for part in text.split(":"))
+        except ValueError:
+            raise PruningError(f"pattern {text!r} is not of the form N:M (e.g. 2:4 or 4:8)") from None
+        if not 0 < n < m:
+            raise PruningError(f"pattern {text!r} needs 0 < N < M (N weights kept of every M), e.g. 2:4")
+        return cls(n, m)
+
+    @property
+    def sparsity(self) -> float:
+        return (self.m - self.n) / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def check_divides(self, in_features: int, layer: str) -> None:
+        if in_features % self.m:
+            raise PruningError(f"pattern {self}: layer {layer} has {in_features} inputs, not a multiple "
+                               f"of {self.m}; choose an M that divides it or prune without --pattern")
+
+
+@dataclass
+class PruneResult:
+    mask: torch.Tensor    # bool [out, in], True = kept
+    weight: torch.Tensor  # the pruned weight (zeros exactly where mask is False; SparseGPT also updates)
+
+
+class PruningMethod:
+    """One way of choosing (and possibly updating) the weights of a linear layer that survive."""
+
+    name: str = ""
+    needs_hessian: bool = False  # SparseGPT needs H = 2XXᵀ/N; the others only column norms
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
+              pattern: NMPattern | None, layer: str = "") -> PruneResult:
+        """Choose the surviving weights of `weight` [out, in]; `layer` names it in messages."""
+        raise NotImplementedError
+
+
+def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask removing exactly int(in_features · sparsity) lowest scores in every row."""
+    count = int(scores.shape[1] * sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if count:
+        mask.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+    return mask
+
+
+def lowest_per_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask removing exactly int(numel · sparsity) lowest scores of the whole matrix."""
+    count = int(scores.numel() * sparsity)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if count:
+        mask[torch.topk(scores.flatten(), count, largest=False).indices] = False
+    return mask.view_as(scores)
+
+
+def lowest_per_group(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Keep-mask removing the M−N lowest scores of every M consecutive inputs in each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, pattern.m - pattern.n, dim=2, largest=False).indices, False)
+    return mask.reshape(rows, cols)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float, pattern: NMPattern | None) -> torch.Tensor:
+    return lowest_per_group(scores, pattern) if pattern else lowest_per_row(scores, sparsity)

@@ -1,0 +1,81 @@
+"""Statistics of each linear layer's inputs, gathered with hooks while the dense block runs.
+
+Linears that read the same input tensor (q/k/v projections, gate/up projections, an expert's gate and
+up) share one accumulator: the statistics are identical, and SparseGPT's Hessian is the largest
+object in memory, so sharing it matters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class InputStatistics:
+    """Running sums over calibration tokens of one input feature space."""
+
+    def __init__(self, in_features: int, device, with_hessian: bool):
+        self.tokens = 0
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.hessian_sum = (torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+                            if with_hessian else None)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.tokens += x.shape[0]
+        self.squared_norms += (x * x).sum(dim=0)
+        if self.hessian_sum is not None:
+            self.hessian_sum.addmm_(x.T, x)
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens: Wanda's input-feature norms."""
+        return self.squared_norms.sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2/N · Σ x xᵀ, SparseGPT's layer-wise Hessian."""
+        if self.hessian_sum is None:
+            raise RuntimeError("the Hessian was not collected for this layer")
+        return self.hessian_sum * (2.0 / max(self.tokens, 1))
+
+
+class StatisticsCollector:
+    """Forward pre-hooks on a block's linears that feed their inputs into shared accumulators."""
+
+    def __init__(self, linears: dict[str, nn.Linear], with_hessian: bool):
+        self.linears = linears
+        self.with_hessian = with_hessian
+        self.stats: dict[str, InputStatistics] = {}
+        self._inputs_this_pass: list[tuple[torch.Tensor, InputStatistics]] = []
+        self._handles = []
+
+    def __enter__(self):
+        for name, linear in self.linears.items():
+            self._handles.append(linear.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._inputs_this_pass.clear()
+
+    def end_pass(self) -> None:
+        """Call after each batch: forget which input tensors were seen (and let them be freed)."""
+        self._inputs_this_pass.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Linear, args):
+            x = args[0]
+            # The same tensor object fed to several linears: add it once, share the accumulator.
+            # Identity (not address) comparison, and we hold a reference until end_pass, because a
+            # freed tensor's memory can be reused by a different input of the same shape.
+            for seen, stats in self._inputs_this_pass:
+                if seen is x:
+                    self.stats.setdefault(name, stats)
+                    return
+            stats = self.stats.get(name)
+            if stats is None:
+                stats = self.stats[name] = InputStatistics(module.in_features, x.device, self.with_hessian)
+            stats.add(x.detach())
+            self._inputs_this_pass.append((x, stats))
+        return hook

@@ -1,0 +1,97 @@
+"""Activation stores: the hidden states of every calibration window at one depth of the model.
+
+A store is one tensor of shape [windows, seqlen, hidden], either in host RAM or in a file on disk
+mapped into memory (`torch.from_file`), so the rest of the engine sees the same thing either way and
+the operating system pages a disk store in and out as batches are read. Batches go to the accelerator
+one at a time; nothing here knows about models.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+class ActivationStore:
+    """Hidden states for `windows` calibration windows, in RAM (`path=None`) or memory-mapped."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, path: Path | None = None):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.path = Path(path) if path else None
+        numel = math.prod(self.shape)
+        if self.path is None:
+            self.data = torch.empty(self.shape, dtype=dtype)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            with open(self.path, "wb") as handle:
+                handle.truncate(nbytes)
+            self.data = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype).view(self.shape)
+
+    @classmethod
+    def open(cls, path: Path, shape, dtype) -> "ActivationStore":
+        """Map an existing store file (e.g. the inputs saved for resuming), without copying it."""
+        store = cls.__new__(cls)
+        store.shape, store.dtype, store.path = tuple(shape), dtype, Path(path)
+        store.data = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        return store
+
+    @property
+    def on_disk(self) -> bool:
+        return self.path is not None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, windows) -> torch.Tensor:
+        return self.data[windows]
+
+    def __setitem__(self, windows, value: torch.Tensor) -> None:
+        self.data[windows] = value.to("cpu", self.dtype)
+
+    def gather(self, indices: list[int] | torch.Tensor) -> torch.Tensor:
+        return self.data[torch.as_tensor(indices, dtype=torch.long)]
+
+    def save_to(self, destination: Path) -> None:
+        """Write the store's contents to `destination` atomically (temporary file, then rename)."""
+        temporary = destination.with_suffix(destination.suffix + ".tmp")
+        with open(temporary, "wb") as handle:
+            for window in range(len(self)):  # one window at a time: no second copy of the store
+                handle.write(memoryview(self.data[window].contiguous().view(torch.uint8).numpy()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, destination)
+
+    def delete(self) -> None:
+        self.data = None
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+def bytes_per_store(windows: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
+    return windows * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
+
+
+class StoreFactory:
+    """Makes stores in RAM or on disk, by a memory budget for the stores alive at the same time."""
+
+    def __init__(self, mode: str, directory: Path, budget_bytes: int | None, streams: int):
+        if mode not in ("auto", "ram", "disk"):
+            raise ValueError(f"offload_activations must be auto, ram or disk, not {mode!r}")
+        self.mode = mode
+        self.directory = Path(directory)
+        self.budget_bytes = budget_bytes
+        self.streams = streams  # how many stores of full size live at once (inputs, targets, outputs, …)
+
+    def choose(self, shape, dtype) -> str:
+        if self.mode != "auto":
+            return self.mode
+        need = bytes_per_store(*shape, dtype) * self.streams
+        return "disk" if self.budget_bytes is not None and need > self.budget_bytes else "ram"
+
+    def create(self, name: str, shape, dtype) -> ActivationStore:
+        where = self.choose(shape, dtype)
+        return ActivationStore(shape, dtype, self.directory / f"{name}.bin" if where == "disk" else None)
