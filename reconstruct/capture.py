@@ -62,8 +62,10 @@ def clean_kwargs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
-def catch_block_kwargs(model: nn.Module, blocks: nn.ModuleList, window: torch.Tensor) -> list[tuple]:
-    """Each block's extra positional and keyword arguments, caught from one window's forward pass."""
+def catch_block_kwargs(model: nn.Module, blocks: nn.ModuleList, window: torch.Tensor
+                       ) -> tuple[list[tuple], torch.Tensor]:
+    """Each block's extra positional and keyword arguments, caught from one window's forward pass,
+    and block 0's hidden-state input for that window (which tells the width blocks work in)."""
     records: list = []
     stand_ins = [_BlockStandIn(records, stop=(i == len(blocks) - 1)) for i in range(len(blocks))]
     originals = _swap_blocks(blocks, stand_ins)
@@ -74,7 +76,7 @@ def catch_block_kwargs(model: nn.Module, blocks: nn.ModuleList, window: torch.Te
     if len(records) != len(blocks):
         raise RuntimeError(f"the model called {len(records)} of its {len(blocks)} blocks during a forward "
                            "pass; blocks that are skipped or called twice are not supported")
-    return [clean_kwargs(args, kwargs) for _, args, kwargs in records]
+    return [clean_kwargs(args, kwargs) for _, args, kwargs in records], records[0][0]
 
 
 def catch_block0_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,

@@ -1,0 +1,145 @@
+"""The run's settings, validated before anything is read or written, and `prune()` for Python users."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .corrections import CorrectionError, make_correction
+from .pruning import METHODS, NMPattern, PruningError
+
+GRANULARITIES = ("block", "sublayer", "linear")
+TARGETS = ("sparse-inputs", "dense", "none")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+class ConfigError(ValueError):
+    """A setting out of range or inconsistent with another; the message says which and how to fix it."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class RunConfig:
+    model: str
+    out: str
+    method: str = "wanda"
+    sparsity: float | None = None        # default 0.5, or what --pattern implies
+    pattern: str | None = None           # "2:4", "4:8": N kept of every M inputs
+    layers: list[str] | None = None      # regexes over linear names inside a block; None = all
+    calib: str = "c4"
+    text_field: str = "text"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = field(default_factory=default_device)
+    dtype: str | None = None             # bf16 | fp16 | fp32; None = the checkpoint's
+    tokenizer: str | None = None         # default: the model's directory
+    batch_size: int = 1                  # windows per forward pass (halved on CUDA out-of-memory)
+    correction: str = "masklora"
+    rank: int = 16
+    alpha: float = 32.0
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    fit_batch_size: int = 1              # windows per optimisation step
+    granularity: str = "block"
+    target: str = "sparse-inputs"
+    heldout: float = 0.1                 # fraction of calibration windows held out for the guard
+    offload_activations: str = "auto"    # auto | ram | disk
+    activation_budget_gb: float | None = None  # auto: disk when the stores would exceed this
+    overwrite: bool = False
+    resume: bool = False
+    cache_dir: str | None = None
+
+    # -- derived values ------------------------------------------------------------------------------
+    @property
+    def nm_pattern(self) -> NMPattern | None:
+        return NMPattern.parse(self.pattern) if self.pattern else None
+
+    @property
+    def effective_sparsity(self) -> float:
+        if self.nm_pattern:
+            return self.nm_pattern.sparsity
+        return 0.5 if self.sparsity is None else float(self.sparsity)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    @property
+    def heldout_windows(self) -> int:
+        if make_correction(self.correction) is None:
+            return 0
+        return max(1, round(self.nsamples * self.heldout))
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes the output; a resumed run must match it."""
+        ignored = {"out", "overwrite", "resume", "device", "batch_size", "offload_activations",
+                   "activation_budget_gb", "cache_dir"}
+        relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        try:
+            pattern = self.nm_pattern
+            make_correction(self.correction)
+        except (PruningError, CorrectionError) as error:
+            raise ConfigError(str(error)) from None
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1); e.g. --sparsity 0.5 zeroes half "
+                              "of each layer's weights")
+        if pattern and self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
+            raise ConfigError(f"--sparsity {self.sparsity} contradicts --pattern {pattern} (which means "
+                              f"sparsity {pattern.sparsity:g}); give only one of them")
+        for name in ("nsamples", "seqlen", "batch_size", "fit_batch_size", "rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup <= 1:
+            raise ConfigError("fitting needs steps >= 0, lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}")
+        if self.granularity != "block" and self.target != "sparse-inputs":
+            raise ConfigError(f"--granularity {self.granularity} supports only --target sparse-inputs")
+        if self.dtype and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.offload_activations not in ("auto", "ram", "disk"):
+            raise ConfigError("--offload-activations must be auto, ram or disk")
+        if self.heldout_windows and (not 0 < self.heldout < 1 or self.nsamples - self.heldout_windows < 1):
+            raise ConfigError(f"a correction needs held-out windows and training windows: with nsamples="
+                              f"{self.nsamples} and heldout={self.heldout} that is impossible; use "
+                              "--nsamples 2 or more and 0 < --heldout < 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available; use --device cpu")
+        return self
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def prune(model: str, out: str, **settings) -> dict:
+    """Prune (and by default repair) `model` into the checkpoint directory `out`; return the report.
+
+    Settings are the fields of `RunConfig`, e.g. `prune("meta-llama/Llama-2-7b-hf", "out",
+    method="sparsegpt", sparsity=0.6, correction="masklora", calib="c4")`.
+    """
+    from .driver import run
+
+    unknown = set(settings) - set(RunConfig.field_names())
+    if unknown:
+        raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RunConfig.field_names()}")
+    config = RunConfig(model=str(model), out=str(Path(out)), **settings).validate()
+    return run(config).report

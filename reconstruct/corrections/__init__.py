@@ -1,0 +1,52 @@
+"""Corrections behind one interface: `make_correction("masklora+norm").attach(unit, masks, ...)`.
+
+Adding a correction: a new file here with a `Correction` subclass decorated by `@register`, plus its
+import below. Combinations are names joined by "+", e.g. "masklora+norm" (PERP's reconstruction) or
+"bias+norm".
+"""
+from .base import Attachment, Correction, CorrectionError, CorrectionOptions, combine
+
+CORRECTIONS: dict[str, type[Correction]] = {}
+
+
+def register(cls):
+    CORRECTIONS[cls.name] = cls
+    return cls
+
+
+from . import loraprune, masklora, scalelora, subsets  # noqa: E402,F401  (registers the corrections)
+
+NAMED_COMBINATIONS = ("masklora+norm", "bias+norm")
+
+
+class Combined(Correction):
+    """Several corrections attached to the same unit and fitted together."""
+
+    def __init__(self, parts: list[Correction]):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def attach(self, unit, masks, options, generator):
+        return combine([part.attach(unit, masks, options, generator) for part in self.parts])
+
+
+def choices() -> list[str]:
+    return ["none", *CORRECTIONS, *NAMED_COMBINATIONS]
+
+
+def make_correction(name: str) -> Correction | None:
+    """A correction by name ("none" gives None); unknown names raise with the list of known ones."""
+    if name in (None, "", "none"):
+        return None
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in CORRECTIONS]
+    if unknown:
+        raise CorrectionError(f"unknown correction {name!r}; choose from {', '.join(choices())} "
+                              "(or join several with '+')")
+    if len(parts) == 1:
+        return CORRECTIONS[name]()
+    return Combined([CORRECTIONS[p]() for p in parts])
+
+
+__all__ = ["Attachment", "CORRECTIONS", "Correction", "CorrectionError", "CorrectionOptions",
+           "choices", "make_correction", "register"]

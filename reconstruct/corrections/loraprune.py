@@ -1,0 +1,25 @@
+"""LoRA-Prune, a baseline: dense LoRA while fitting, the mask applied only when merging.
+
+The merged layer is (W + s·BA) ⊙ M, which differs from the layer that was fitted: the update's
+entries at pruned positions are thrown away. This is what MaskLoRA avoids.
+"""
+from . import register
+from .masklora import MaskLoRALinear
+from .base import Correction, wrap_linears
+
+
+class LoRAPruneLinear(MaskLoRALinear):
+    def effective_weight(self):
+        return self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A)
+
+    def merged_weight(self):
+        return self.effective_weight() * self.mask
+
+
+@register
+class LoRAPrune(Correction):
+    name = "lora-prune"
+
+    def attach(self, unit, masks, options, generator):
+        return wrap_linears(unit, masks, lambda linear, mask: LoRAPruneLinear(
+            linear, mask, options.rank, options.alpha, generator))

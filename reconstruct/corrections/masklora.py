@@ -1,0 +1,27 @@
+"""MaskLoRA (PERP): W + s·M⊙(BA). The update is masked, so pruned weights stay exactly zero."""
+import torch
+
+from . import register
+from .base import Correction, LinearWrapper, kaiming_uniform_, low_rank_factors, wrap_linears
+
+
+class MaskLoRALinear(LinearWrapper):
+    def __init__(self, base, mask, rank, alpha, generator):
+        super().__init__(base, mask)
+        self.lora_A, self.lora_B = low_rank_factors(base.out_features, base.in_features, rank,
+                                                    base.weight.device, generator)
+        kaiming_uniform_(self.lora_A, generator)
+        torch.nn.init.zeros_(self.lora_B)  # starts as the pruned layer exactly
+        self.scale = alpha / rank
+
+    def effective_weight(self):
+        return self.base.weight.float() + self.scale * self.mask * (self.lora_B @ self.lora_A)
+
+
+@register
+class MaskLoRA(Correction):
+    name = "masklora"
+
+    def attach(self, unit, masks, options, generator):
+        return wrap_linears(unit, masks, lambda linear, mask: MaskLoRALinear(
+            linear, mask, options.rank, options.alpha, generator))

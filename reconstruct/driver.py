@@ -1,0 +1,528 @@
+"""The sequential driver: prune and repair a model one transformer block at a time.
+
+    windows = calibration token windows
+    inputs  = block 0's inputs for every window, and every block's keyword arguments
+    for each block:
+        load its weights; run it dense, collecting each linear's input statistics and its outputs
+        prune every linear (masks); fit the correction towards the dense outputs; merge it
+        run the repaired block again: its outputs are the next block's inputs
+        write the block's shard and the resume point; free the block
+    write the index, config, tokenizer and report
+
+Only one block's weights are ever in memory; activations live in a store (RAM or disk) and go to the
+device one batch at a time.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .api import RunConfig
+from .capture import call_block, catch_block0_inputs, catch_block_kwargs, kwargs_to, map_tensors
+from .corrections import make_correction
+from .fit import FitOptions, FitReport, fit_correction
+from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
+from .corrections import CorrectionOptions
+from .pruning import METHODS, PruningError
+from .stats import StatisticsCollector
+from .store import ActivationStore, StoreFactory
+from .writer import RunDirectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    report: dict
+    out: Path
+    final_activations: ActivationStore | None  # the last block's outputs (for checks and tests)
+
+
+# --------------------------------------------------------------------------------------------------
+# One block's steps
+def observe(block, inputs: ActivationStore, call, linears, needs_hessian: bool, batch_size: int,
+            device, dense_out: ActivationStore):
+    """Run the dense block on `inputs`: fill `dense_out` and return each linear's input statistics."""
+    with StatisticsCollector(linears, needs_hessian) as collector, torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            window = slice(start, start + batch_size)
+            dense_out[window] = call_block(block, inputs[window].to(device), call)
+            collector.end_pass()
+    return collector.stats
+
+
+def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsity: float, pattern,
+                  block_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Prune each linear in place; return the keep-masks and a note for any layer handled specially."""
+    masks, notes = {}, {}
+    for name, linear in linears.items():
+        layer_stats = stats.get(name)
+        method = METHODS[method_name]
+        if layer_stats is None or layer_stats.tokens == 0:
+            # A mixture-of-experts expert that no calibration token was routed to has no statistics.
+            method = METHODS["magnitude"]
+            notes[name] = "no calibration tokens reached this layer: pruned by magnitude"
+        result = method.prune(linear.weight.data, layer_stats, sparsity, pattern, layer=f"{block_name}.{name}")
+        linear.weight.data = result.weight.to(linear.weight.dtype)
+        masks[name] = result.mask
+    return masks, notes
+
+
+class LayerErrorMeter:
+    """Forward hooks measuring each linear's relative output error against its dense weights."""
+
+    def __init__(self, linears: dict[str, nn.Linear], dense_weights: dict[str, torch.Tensor]):
+        self.linears, self.dense_weights = linears, dense_weights
+        self.error = dict.fromkeys(linears, 0.0)
+        self.reference = dict.fromkeys(linears, 0.0)
+        self._handles = []
+
+    def __enter__(self):
+        for name, linear in self.linears.items():
+            self._handles.append(linear.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            dense = nn.functional.linear(args[0], self.dense_weights[name].to(args[0].dtype), module.bias)
+            self.error[name] += (output.double() - dense.double()).pow(2).sum().item()
+            self.reference[name] += dense.double().pow(2).sum().item()
+        return hook
+
+    def relative(self, name: str) -> float:
+        return self.error[name] / self.reference[name] if self.reference[name] > 0 else float("nan")
+
+
+def replay(block, inputs: ActivationStore, call, batch_size: int, device, outputs: ActivationStore) -> None:
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            window = slice(start, start + batch_size)
+            outputs[window] = call_block(block, inputs[window].to(device), call)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting units: the whole block, each sublayer, or each linear
+def fitting_units(block: nn.Module, granularity: str, masks: dict[str, torch.Tensor]) -> list[str]:
+    if granularity == "block":
+        return [""]
+    if granularity == "linear":
+        return list(masks)
+    # Sublayers: the block's direct children that hold pruned linears (attention, MLP; for OPT,
+    # whose MLP linears sit directly in the block, each of fc1 and fc2).
+    return [name for name, _ in block.named_children()
+            if any(m == name or m.startswith(name + ".") for m in masks)]
+
+
+def catch_unit_calls(block, unit: nn.Module, inputs: ActivationStore, call, device) -> dict[int, tuple]:
+    """The arguments `unit` receives inside the (pruned) block, per window, kept on the CPU.
+
+    A window is missing when the unit never ran for it (an expert no token was routed to)."""
+    caught = {}
+    window = 0
+
+    def hook(module, args, kwargs):
+        caught[window] = map_tensors((args, kwargs), lambda t: t.detach().to("cpu"))
+        raise _UnitCaught  # nothing after the unit is needed
+
+    handle = unit.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for window in range(len(inputs)):
+                try:
+                    call_block(block, inputs[window:window + 1].to(device), call)
+                except _UnitCaught:
+                    pass
+    finally:
+        handle.remove()
+    return caught
+
+
+class _UnitCaught(Exception):
+    pass
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# --------------------------------------------------------------------------------------------------
+class Driver:
+    """Holds one run's settings, model and stores; `run()` is the loop in the module docstring."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.started = time.perf_counter()
+        self.method = METHODS[config.method]
+        self.pattern = config.nm_pattern
+        self.sparsity = config.effective_sparsity
+        self.correction = make_correction(config.correction)
+        self.fit_options = FitOptions(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+                                      warmup=config.warmup,
+                                      correction=CorrectionOptions(rank=config.rank, alpha=config.alpha))
+        self.batch_size = config.batch_size
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def open(self) -> None:
+        self.adapter: ModelAdapter = open_model(self.config.model, self.config.torch_dtype)
+        self.check_layers_against_model()
+        self.tokenizer = self.load_tokenizer()
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        source = self.config.tokenizer or self.adapter.checkpoint.directory
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as error:
+            raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
+                                        "with a directory or hub id that has one") from error
+
+    def check_layers_against_model(self) -> None:
+        """Fail before any work if the layer filter matches nothing or N:M does not divide a layer."""
+        for index, block in enumerate(self.adapter.blocks):
+            linears = prunable_linears(block, self.config.layers)
+            if not linears:
+                raise PruningError(f"block {index} has no linear layer matching --layers {self.config.layers}")
+            if self.pattern:
+                for name, linear in linears.items():
+                    self.pattern.check_divides(linear.in_features, f"{self.adapter.block_name(index)}.{name}")
+
+    def calibration_windows(self) -> torch.Tensor:
+        import calib
+
+        return calib.calibration_windows(self.config.calib, self.tokenizer, self.config.nsamples,
+                                         self.config.seqlen, seed=self.config.seed,
+                                         text_field=self.config.text_field, cache_dir=self.config.cache_dir)
+
+    def store_factory(self) -> StoreFactory:
+        streams = 3 if self.config.target == "sparse-inputs" else 5
+        budget = (int(self.config.activation_budget_gb * 2**30) if self.config.activation_budget_gb
+                  else _default_activation_budget())
+        return StoreFactory(self.config.offload_activations, self.run_dir.activations, budget, streams)
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.open()
+        windows = None
+        self.run_dir = RunDirectory(Path(self.config.out))
+        if not (self.config.resume and self.run_dir.work.joinpath("state.json").exists()):
+            windows = self.calibration_windows()  # may fail on bad data: before anything is written
+        resuming = self.run_dir.prepare(self.config.overwrite, self.config.resume)
+        self.stores = self.store_factory()
+        if resuming:
+            state = self.resume_state()
+        else:
+            state = self.start(windows)
+        n = self.adapter.num_blocks
+        progress = tqdm(range(state["next_block"], n), initial=state["next_block"], total=n,
+                        desc="blocks", unit="block", disable=None)
+        inputs, dense_inputs = self.open_inputs(state)
+        for index in progress:
+            inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
+            progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
+        report = self.final_report(state)
+        out = self.run_dir.finish(self.adapter.checkpoint.directory, self.output_config(),
+                                  state["shards"], report)
+        log.info("wrote %s", out)
+        return RunResult(report, out, inputs)
+
+    def start(self, windows: torch.Tensor) -> dict:
+        """Write the non-block tensors, catch block 0's inputs and every block's keyword arguments."""
+        adapter = self.adapter
+        total = adapter.num_blocks + 1
+        rest_shard = self.run_dir.shard_name(adapter.num_blocks, total)
+        self.run_dir.save_shard(rest_shard, {name: _storage(adapter.checkpoint.get(name), adapter.storage_dtype)
+                                             for name in adapter.non_block_names()})
+        adapter.load_embeddings()
+        try:
+            calls, first_hidden = catch_block_kwargs(adapter.model, adapter.blocks, windows[0])
+            shape = (len(windows), windows.shape[1], first_hidden.shape[-1])
+            inputs = self.stores.create("inputs-00000", shape, adapter.storage_dtype)
+            catch_block0_inputs(adapter.model, adapter.blocks, windows, inputs, self.batch_size, "cpu")
+        finally:
+            adapter.release_embeddings()
+        torch.save(calls, self.run_dir.work / "block_calls.pt")
+        dense_name = None
+        if self.config.target != "sparse-inputs":
+            dense = self.stores.create("dense-00000", shape, adapter.storage_dtype)
+            dense[:] = inputs[:]
+            dense_name = self._persist(dense, "dense-00000")
+        state = {"fingerprint": self.config.fingerprint(), "next_block": 0, "shape": list(shape),
+                 "dtype": str(adapter.storage_dtype).removeprefix("torch."),
+                 "inputs": self._persist(inputs, "inputs-00000"), "dense_inputs": dense_name,
+                 "shards": [rest_shard], "layers": [], "blocks": []}
+        self.run_dir.save_state(state)
+        self.calls = calls
+        return state
+
+    def resume_state(self) -> dict:
+        state = self.run_dir.load_state()
+        if state["fingerprint"] != self.config.fingerprint():
+            raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings; "
+                             "rerun without --resume (and with --overwrite if needed) to start over")
+        self.calls = torch.load(self.run_dir.work / "block_calls.pt", weights_only=False)
+        log.info("resuming at block %d of %d", state["next_block"], self.adapter.num_blocks)
+        return state
+
+    def open_inputs(self, state):
+        shape, dtype = tuple(state["shape"]), getattr(torch, state["dtype"])
+        inputs = ActivationStore.open(self.run_dir.activations / state["inputs"], shape, dtype)
+        dense = (ActivationStore.open(self.run_dir.activations / state["dense_inputs"], shape, dtype)
+                 if state["dense_inputs"] else None)
+        return inputs, dense
+
+    def _persist(self, store: ActivationStore, name: str) -> str:
+        """Make `store` durable under activations/NAME.bin; return the file name."""
+        filename = f"{name}.bin"
+        if store.on_disk and store.path.name == filename:
+            with open(store.path, "rb+") as handle:
+                import os
+                os.fsync(handle.fileno())
+        else:
+            store.save_to(self.run_dir.activations / filename)
+        return filename
+
+    # -- one block -----------------------------------------------------------------------------------
+    def process_block(self, index: int, inputs: ActivationStore, dense_inputs: ActivationStore | None,
+                      state: dict):
+        while True:
+            try:
+                return self._process_block(index, inputs, dense_inputs, state)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                log.warning("CUDA out of memory in block %d: retrying with --batch-size %d", index,
+                            self.batch_size)
+                self.adapter.release(self.adapter.blocks[index])
+                torch.cuda.empty_cache()
+
+    def _process_block(self, index, inputs, dense_inputs, state):
+        adapter, config, started = self.adapter, self.config, time.perf_counter()
+        name = adapter.block_name(index)
+        block = adapter.load_block(index).to(self.device)
+        call = kwargs_to(self.calls[index], self.device)
+        linears = prunable_linears(block, config.layers)
+        shape = inputs.shape
+
+        # 1. Run the dense block: statistics of every linear's inputs, and the dense outputs (targets).
+        fit_inputs = dense_inputs if config.target == "none" else inputs
+        targets = self.stores.create(f"targets-{index:05d}", shape, inputs.dtype)
+        stats = observe(block, fit_inputs, call, linears, self.method.needs_hessian, self.batch_size,
+                        self.device, targets)
+        if config.target == "dense":
+            replay(block, dense_inputs, call, self.batch_size, self.device, targets)
+        next_dense = None
+        if dense_inputs is not None:  # the dense model's own activations go on to the next block
+            next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)
+            next_dense[:] = targets[:]
+        dense_weights = {n: l.weight.detach().clone() for n, l in linears.items()}
+        dense_block = copy.deepcopy(block) if config.granularity != "block" and self.correction else None
+
+        # 2. Prune every linear of the block.
+        masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name)
+        del stats
+
+        # 3. Fit the correction towards the dense outputs, merge it (or revert it if worse).
+        fit_reports = []
+        if self.correction is not None:
+            fit_reports = self.correct(index, block, dense_block, masks, fit_inputs, targets, call)
+
+        # 4. Re-run the repaired block: its outputs feed the next block.
+        next_inputs = self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype)
+        linears = prunable_linears(block, config.layers)
+        with LayerErrorMeter(linears, dense_weights) as meter:
+            replay(block, inputs, call, self.batch_size, self.device, next_inputs)
+
+        # 5. Write the block, record the resume point, free everything of this block.
+        state["layers"].extend(self.layer_entries(index, linears, meter, notes))
+        state["blocks"].append(self.block_entry(index, fit_reports, time.perf_counter() - started))
+        shard = self.run_dir.shard_name(index, adapter.num_blocks + 1)
+        self.run_dir.save_shard(shard, adapter.module_tensors(name))
+        adapter.release(block)
+        state["shards"].insert(index, shard)
+        old_inputs, old_dense = state["inputs"], state["dense_inputs"]
+        state.update(next_block=index + 1, inputs=self._persist(next_inputs, f"inputs-{index + 1:05d}"),
+                     dense_inputs=self._persist(next_dense, f"dense-{index + 1:05d}") if next_dense else None)
+        self.run_dir.save_state(state)
+        for filename in (old_inputs, old_dense):
+            if filename:
+                (self.run_dir.activations / filename).unlink(missing_ok=True)
+        targets.delete()
+        return next_inputs, next_dense
+
+    def correct(self, index, block, dense_block, masks, fit_inputs, targets, call) -> list[FitReport]:
+        """Fit the correction on each unit of the block (the block itself by default)."""
+        config = self.config
+        heldout = config.heldout_windows
+        train_windows = list(range(heldout, len(fit_inputs)))
+        heldout_windows = list(range(heldout))
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+        reports = []
+        for unit_name in fitting_units(block, config.granularity, masks):
+            root, root_masks = attach_point(block, unit_name, masks)
+            if unit_name == "":
+                batches = _chunks(train_windows, config.fit_batch_size)
+                all_batches = batches + _chunks(heldout_windows, config.fit_batch_size)
+
+                def run(i, _all=all_batches):
+                    return call_block(block, fit_inputs.gather(_all[i]).to(self.device), call)
+
+                def target(i, _all=all_batches):
+                    return targets.gather(_all[i]).to(self.device)
+
+                train_ids = list(range(len(batches)))
+                held_ids = list(range(len(batches), len(all_batches)))
+            else:
+                caught = catch_unit_calls(block, block.get_submodule(unit_name), fit_inputs, call, self.device)
+                dense_unit = dense_block.get_submodule(unit_name)
+
+                def run(i, _name=unit_name, _caught=caught):
+                    args, kwargs = kwargs_to(_caught[i], self.device)
+                    return _first(block.get_submodule(_name)(*args, **kwargs))  # the wrapped unit
+
+                def target(i, _dense=dense_unit, _caught=caught):
+                    args, kwargs = kwargs_to(_caught[i], self.device)
+                    with torch.no_grad():
+                        return _first(_dense(*args, **kwargs))
+
+                train_ids = [w for w in train_windows if w in caught]
+                held_ids = [w for w in heldout_windows if w in caught]
+                if not train_ids or not held_ids:
+                    log.info("block %d %s: no calibration tokens reach it; not corrected", index, unit_name)
+                    continue
+            try:
+                report = fit_correction(root, self.correction, root_masks, run, target, train_ids, held_ids,
+                                        self.fit_options, generator, self.device, block_dtype(block))
+            except ValueError as error:  # e.g. bias training on a model without biases
+                raise type(error)(f"block {index} unit {unit_name or 'block'}: {error}") from error
+            report.note = f"{unit_name}: {report.note}" if unit_name and report.note else report.note
+            reports.append((unit_name or "block", report))
+        return reports
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def layer_entries(self, index, linears, meter, notes) -> list[dict]:
+        entries = []
+        for name, linear in linears.items():
+            weight = linear.weight.detach()
+            entries.append({"block": index, "name": f"{self.adapter.block_name(index)}.{name}",
+                            "shape": list(weight.shape),
+                            "sparsity": float((weight == 0).float().mean()),
+                            "rel_error": meter.relative(name), **({"note": notes[name]} if name in notes else {})})
+        return entries
+
+    def block_entry(self, index, fit_reports, seconds) -> dict:
+        entry = {"index": index, "time_s": round(seconds, 3)}
+        if fit_reports:
+            entry["units"] = [{"unit": unit, **report.as_dict()} for unit, report in fit_reports]
+            entry["merged"] = all(r.merged for _, r in fit_reports)
+            entry["error_before"] = _mean(r.error_before for _, r in fit_reports)
+            entry["error_after"] = _mean(r.error_after for _, r in fit_reports)
+            entry["heldout_before"] = _mean(r.heldout_before for _, r in fit_reports)
+            entry["heldout_after"] = _mean(r.heldout_after for _, r in fit_reports)
+            entry["trainable_params"] = sum(r.trainable_params for _, r in fit_reports)
+            entry["fit_time_s"] = round(sum(r.fit_time_s for _, r in fit_reports), 3)
+        return entry
+
+    @staticmethod
+    def block_summary(entry: dict) -> str:
+        if "heldout_before" in entry:
+            verdict = "merged" if entry["merged"] else "reverted"
+            return f"held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} ({verdict})"
+        return ""
+
+    def final_report(self, state: dict) -> dict:
+        layers = state["layers"]
+        total = sum(math.prod(e["shape"]) for e in layers)
+        zeros = sum(e["sparsity"] * math.prod(e["shape"]) for e in layers)
+        peak_device = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0)
+        return {
+            "model": self.config.model, "method": self.config.method, "sparsity": self.sparsity,
+            "pattern": self.config.pattern, "correction": self.config.correction,
+            "config": {k: v for k, v in vars(self.config).items()},
+            "command": " ".join(sys.argv),
+            "versions": _versions(),
+            "totals": {"wall_time_s": round(time.perf_counter() - self.started, 3),
+                       "peak_host_rss_bytes": _peak_rss_bytes(), "peak_device_bytes": peak_device,
+                       "pruned_sparsity": zeros / total if total else 0.0,
+                       "reverted_blocks": [b["index"] for b in state["blocks"] if b.get("merged") is False]},
+            "layers": layers,
+            "blocks": state["blocks"],
+        }
+
+    def output_config(self):
+        config = copy.deepcopy(self.adapter.config)
+        config.dtype = self.adapter.storage_dtype
+        return config
+
+
+# --------------------------------------------------------------------------------------------------
+def run(config: RunConfig) -> RunResult:
+    return Driver(config).run()
+
+
+def block_dtype(block: nn.Module) -> torch.dtype:
+    for parameter in block.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def attach_point(block: nn.Module, unit_name: str, masks: dict[str, torch.Tensor]):
+    """Where a unit's correction is attached, and the masks named relative to that module.
+
+    A linear unit is corrected through its parent, which swaps the linear for a wrapper."""
+    if not unit_name:
+        return block, masks
+    if unit_name in masks:
+        parent_name, _, child = unit_name.rpartition(".")
+        return (block.get_submodule(parent_name) if parent_name else block), {child: masks[unit_name]}
+    prefix = unit_name + "."
+    return block.get_submodule(unit_name), {n[len(prefix):]: m for n, m in masks.items() if n.startswith(prefix)}
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _storage(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _default_activation_budget() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"reconstruct": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

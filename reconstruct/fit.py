@@ -1,0 +1,134 @@
+"""Fitting a correction so that a pruned unit's output matches its target, with a never-worse guard.
+
+The loop is PERP's: MSE on the unit's output, AdamW, a linear schedule with warm-up, fp32 trainable
+parameters (under autocast when the block is stored in half precision), no gradient clipping. The
+guard measures the relative output error on held-out calibration batches before and after: a
+correction that is worse, or not finite, is not merged and the pruned weights are restored.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .corrections import Correction, CorrectionOptions
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.1           # fraction of steps with a linearly rising learning rate
+    correction: CorrectionOptions = CorrectionOptions()
+
+
+@dataclass
+class FitReport:
+    error_before: float           # relative output error of the pruned unit, training batches
+    error_after: float
+    heldout_before: float
+    heldout_after: float
+    trainable_params: int
+    fit_time_s: float
+    merged: bool
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# A unit's forward on calibration batch i, and the output it should produce.
+RunBatch = Callable[[int], torch.Tensor]
+
+
+@torch.no_grad()
+def relative_error(run: RunBatch, target: RunBatch, batches: list[int]) -> float:
+    """Σ‖output − target‖² / Σ‖target‖² over the given batches (float64 sums)."""
+    error = reference = 0.0
+    for i in batches:
+        wanted = target(i).double()
+        error += (run(i).double() - wanted).pow(2).sum().item()
+        reference += wanted.pow(2).sum().item()
+    return error / reference if reference > 0 else error
+
+
+def _schedule(optimizer, steps: int, warmup_fraction: float):
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, torch.Tensor],
+                   run: RunBatch, target: RunBatch, train_batches: list[int], heldout_batches: list[int],
+                   options: FitOptions, generator: torch.Generator, device: torch.device,
+                   compute_dtype: torch.dtype) -> FitReport:
+    """Attach `correction` to `unit`, fit it, merge it, and keep it only if it did not make things worse."""
+    started = time.perf_counter()
+    pruned_state = {name: value.detach().clone() for name, value in unit.state_dict().items()}
+    heldout_before = relative_error(run, target, heldout_batches)
+    error_before = relative_error(run, target, train_batches)
+
+    attachment = correction.attach(unit, masks, options.correction, generator)
+    for parameter in unit.parameters():
+        parameter.requires_grad_(False)
+    for parameter in attachment.trainable:
+        parameter.requires_grad_(True)
+    trainable = sum(p.numel() for p in attachment.trainable)
+
+    note = _optimise(attachment.trainable, run, target, train_batches, options, generator, device,
+                     compute_dtype)
+    attachment.merge()
+    for parameter in unit.parameters():
+        parameter.requires_grad_(False)
+
+    heldout_after = relative_error(run, target, heldout_batches)
+    error_after = relative_error(run, target, train_batches)
+    merged = math.isfinite(heldout_after) and math.isfinite(error_after) and heldout_after <= heldout_before
+    if not merged:
+        # Never worse: put the pruned weights back exactly as they were.
+        unit.load_state_dict(pruned_state)
+        reason = "non-finite output" if not math.isfinite(heldout_after) else "held-out error increased"
+        note = f"{note}; reverted: {reason}".lstrip("; ")
+    return FitReport(error_before, error_after if merged else error_before, heldout_before,
+                     heldout_after, trainable, time.perf_counter() - started, merged, note)
+
+
+def _optimise(trainable, run, target, train_batches, options, generator, device, compute_dtype) -> str:
+    """The training loop; returns a note (empty when nothing unusual happened)."""
+    if not trainable or options.steps <= 0:
+        return "nothing to train"
+    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = _schedule(optimizer, options.steps, options.warmup)
+    order: list[int] = []
+    for step in range(options.steps):
+        if not order:  # a fresh seeded shuffle of the training batches each epoch
+            order = [train_batches[i] for i in torch.randperm(len(train_batches), generator=generator)]
+        batch = order.pop()
+        with torch.no_grad():
+            wanted = target(batch).float()
+        with _autocast(device, compute_dtype):
+            output = run(batch)
+        loss = nn.functional.mse_loss(output.float(), wanted)
+        if not torch.isfinite(loss):
+            return f"stopped at step {step}: loss is not finite"
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return ""

@@ -1,0 +1,125 @@
+"""The output checkpoint and the run's work directory (resume state), written so nothing is lost.
+
+Everything is written under `OUT.partial/`: one safetensors shard per block as soon as the block is
+done, the inputs of the next block, and `state.json` naming the next block. Each file is written to a
+temporary name and renamed, and `state.json` is replaced last, so a run killed at any instant resumes
+from the last finished block. Only when every shard is written does `OUT.partial` become `OUT`: a
+directory named `OUT` is always complete.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+                "added_tokens.json")
+
+
+class OutputError(OSError):
+    """The output directory cannot be written (exists, disk full, not writable)."""
+
+
+def _atomic(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise OutputError(errno.ENOSPC, f"no space left on the device while writing {path.name}; "
+                              "free some space and rerun the same command with --resume: the blocks "
+                              "already finished are kept") from error
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+class RunDirectory:
+    """`OUT.partial/` while the run is going, renamed to `OUT` when it is complete."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.work = self.out.with_name(self.out.name + ".partial")
+        self.activations = self.work / "activations"
+
+    # -- starting ------------------------------------------------------------------------------------
+    def prepare(self, overwrite: bool, resume: bool) -> bool:
+        """Create the work directory; return True when an earlier run's state is there to resume."""
+        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            raise OutputError(errno.EEXIST, f"output directory {self.out} exists and is not empty; pass "
+                              "--overwrite to replace it, or choose another --out")
+        if resume and (self.work / "state.json").exists():
+            return True
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        try:
+            self.activations.mkdir(parents=True)
+        except OSError as error:
+            raise OutputError(error.errno, f"cannot create {self.work}: {error.strerror}") from error
+        return False
+
+    # -- shards and state ----------------------------------------------------------------------------
+    @staticmethod
+    def shard_name(index: int, total: int) -> str:
+        return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+    def save_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        _atomic(self.work / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+
+    def load_state(self) -> dict:
+        return json.loads((self.work / "state.json").read_text())
+
+    def save_state(self, state: dict) -> None:
+        write_json(self.work / "state.json", state)
+
+    # -- finishing -----------------------------------------------------------------------------------
+    def finish(self, source_dir: Path, config, shard_names: list[str], report: dict) -> Path:
+        """Write the index, config, tokenizer and report; then make the directory visible as OUT."""
+        from safetensors import safe_open
+
+        weight_map, total_size = {}, 0
+        for shard in shard_names:
+            with safe_open(str(self.work / shard), "pt") as handle:
+                for name in handle.keys():
+                    weight_map[name] = shard
+                    tensor = handle.get_slice(name)
+                    total_size += _numel(tensor.get_shape()) * _itemsize(tensor.get_dtype())
+        write_json(self.work / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+        config.save_pretrained(self.work)
+        for name in COPIED_FILES:
+            if (source_dir / name).exists():
+                shutil.copyfile(source_dir / name, self.work / name)
+        write_json(self.work / "report.json", report)
+        shutil.rmtree(self.activations, ignore_errors=True)
+        (self.work / "state.json").unlink(missing_ok=True)
+        for leftover in self.work.glob("*.pt"):
+            leftover.unlink()
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.work, self.out)
+        return self.out
+
+
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
+            "BOOL": 1}.get(dtype, 4)
