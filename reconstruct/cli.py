@@ -1,0 +1,202 @@
+"""The `reconstruct` command: arguments, help and exit codes; the work is done elsewhere."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from .api import DTYPES, GRANULARITIES, TARGETS, RunConfig, default_device
+from .corrections import choices as correction_choices
+from .pruning import METHODS
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+DEFAULTS = RunConfig(model="", out="")
+
+
+def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    what = parser.add_argument_group("what to prune")
+    what.add_argument("model", help="checkpoint directory or Hugging Face hub id (safetensors weights)")
+    what.add_argument("--out", required=True, help="output checkpoint directory (written as OUT.partial "
+                      "until complete)")
+    what.add_argument("--method", choices=list(METHODS), default=d.method, help="pruning method (default: %(default)s)")
+    what.add_argument("--sparsity", type=float, default=None,
+                      help="fraction of each layer's weights set to zero, in [0, 1) (default: 0.5, or what "
+                      "--pattern implies)")
+    what.add_argument("--pattern", default=None, metavar="N:M",
+                      help="semi-structured sparsity: N weights kept of every M consecutive inputs, e.g. 2:4")
+    what.add_argument("--layers", nargs="+", default=None, metavar="REGEX",
+                      help="prune only linears whose name inside a block matches one of these regular "
+                      "expressions, e.g. 'mlp' or 'q_proj|k_proj' (default: every linear in every block)")
+
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--calib", default=d.calib,
+                      help="c4 | wikitext2 | a local .txt/.jsonl/.parquet file (default: %(default)s)")
+    data.add_argument("--text-field", default=d.text_field, help="text field of .jsonl/.parquet files (default: %(default)s)")
+    data.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows (default: %(default)s)")
+    data.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per window (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=d.seed,
+                      help="seeds window sampling and correction initialisation (default: %(default)s)")
+    data.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    data.add_argument("--cache-dir", default=None, help="token cache (default: ~/.cache/reconstruct/tokens)")
+
+    fit = parser.add_argument_group("correction (PERP reconstruction)")
+    fit.add_argument("--correction", default=d.correction, choices=correction_choices(),
+                     help="what is fitted after pruning each block; 'none' prunes only (default: %(default)s)")
+    fit.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default: %(default)s)")
+    fit.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; scale s = alpha/r (default: %(default)s)")
+    fit.add_argument("--steps", type=int, default=d.steps, help="optimisation steps per unit (default: %(default)s)")
+    fit.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    fit.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    fit.add_argument("--warmup", type=float, default=d.warmup,
+                     help="fraction of steps with linear warm-up, then linear decay (default: %(default)s)")
+    fit.add_argument("--fit-batch-size", type=int, default=d.fit_batch_size,
+                     help="calibration windows per optimisation step (default: %(default)s)")
+    fit.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
+                     help="fit per block, per sublayer (attention, MLP) or per linear (default: %(default)s)")
+    fit.add_argument("--target", choices=TARGETS, default=d.target,
+                     help="sparse-inputs: dense block on the pruned model's inputs (PERP); dense: the dense "
+                     "model's own activations; none: dense inputs and targets, no error propagation "
+                     "(default: %(default)s)")
+    fit.add_argument("--heldout", type=float, default=d.heldout,
+                     help="fraction of windows held out to check that a correction helps (default: %(default)s)")
+
+    run = parser.add_argument_group("resources")
+    run.add_argument("--device", default=default_device(), help="cuda, cuda:1 or cpu (default: %(default)s)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="weights' dtype for computing and saving (default: the checkpoint's)")
+    run.add_argument("--batch-size", type=int, default=d.batch_size,
+                     help="windows per forward pass; halved automatically on CUDA out-of-memory (default: %(default)s)")
+    run.add_argument("--offload-activations", choices=["auto", "ram", "disk"], default=d.offload_activations,
+                     help="keep calibration activations in RAM, in memory-mapped files, or decide by "
+                     "--activation-budget-gb (default: %(default)s)")
+    run.add_argument("--activation-budget-gb", type=float, default=None,
+                     help="host RAM allowed for activations before they go to disk (default: half the free RAM)")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from OUT.partial (same settings required)")
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint directory or hub id")
+    parser.add_argument("--data", default="wikitext2",
+                        help="comma-separated perplexity sources: wikitext2, c4, or local .txt/.jsonl/.parquet "
+                        "paths (default: %(default)s); 'none' for zero-shot only")
+    parser.add_argument("--seqlen", type=int, default=2048, help="window length (default: %(default)s)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated lm-evaluation-harness tasks, e.g. boolq,rte,hellaswag,winogrande,"
+                        "arc_easy,arc_challenge,openbookqa (needs `pip install reconstruct[eval]`)")
+    parser.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
+    parser.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (for quick checks)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    parser.add_argument("--device", default=default_device(), help="(default: %(default)s)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    parser.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet (default: %(default)s)")
+    parser.add_argument("--cache-dir", default=None, help="token cache (default: ~/.cache/reconstruct/tokens)")
+    parser.add_argument("--output-json", default=None, help="also write the results here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reconstruct", description="Prune a causal language model one block "
+                                     "at a time and repair it with sparsity-preserving corrections.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_prune_arguments(commands.add_parser("prune", help="prune (and repair) a model into a new checkpoint"))
+    _add_eval_arguments(commands.add_parser("eval", help="perplexity (papers' protocols) and zero-shot accuracy"))
+    demo = commands.add_parser("demo", help="build a tiny model offline, prune and repair it, and compare "
+                               "perplexities (a smoke test of the whole pipeline)")
+    demo.add_argument("--out", default=None, help="where to put the demo's files (default: a temporary directory)")
+    for name, (module, description) in _available_extra_commands().items():
+        extra = commands.add_parser(name, help=description)
+        _import(module).add_arguments(extra)
+    return parser
+
+
+# Commands that live in their own module: name -> (module, help). Each module has add_arguments(parser)
+# and main(args) -> int.
+_EXTRA_COMMANDS = {
+    "sweep": ("reconstruct.sweep", "run a grid of prune + eval cells from a YAML file, resumably"),
+    "compare": ("reconstruct.compare", "per-layer sparsity and error of several runs side by side"),
+}
+
+
+def _import(module: str):
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def _available_extra_commands():
+    import importlib.util
+
+    return {name: spec for name, spec in _EXTRA_COMMANDS.items() if importlib.util.find_spec(spec[0])}
+
+
+def run_prune(args) -> int:
+    from .api import prune
+
+    settings = {k: v for k, v in vars(args).items() if k in RunConfig.field_names() and k not in ("model", "out")}
+    report = prune(args.model, args.out, **settings)
+    totals = report["totals"]
+    print(f"wrote {args.out}: sparsity {totals['pruned_sparsity']:.4f}, {totals['wall_time_s']:.1f} s, "
+          f"peak host memory {totals['peak_host_rss_bytes'] / 2**30:.2f} GiB"
+          + (f", reverted blocks {totals['reverted_blocks']}" if totals["reverted_blocks"] else ""))
+    return 0
+
+
+def run_eval(args) -> int:
+    from .eval import evaluate
+
+    data = [] if args.data in ("none", "") else [s for s in args.data.split(",") if s]
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    evaluate(args.model, data=data, seqlen=args.seqlen, tasks=tasks, batch_size=args.batch_size,
+             device=args.device, dtype=args.dtype, text_field=args.text_field, cache_dir=args.cache_dir,
+             output_json=args.output_json, include_path=args.include_path, limit=args.limit)
+    return 0
+
+
+def run_demo(args) -> int:
+    from .api import prune
+    from .eval import evaluate
+    from .tiny import save_tiny_model, write_sample_text
+
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="reconstruct-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    model = save_tiny_model(root / "tiny-llama", "llama", hidden_size=64, intermediate_size=128)
+    text = write_sample_text(root / "sample.txt")
+    print(f"demo: tiny LLaMA in {model}, calibration text {text}")
+    report = prune(str(model), str(root / "pruned"), method="wanda", sparsity=0.5, correction="masklora",
+                   calib=str(text), nsamples=16, seqlen=64, steps=50, device="cpu", overwrite=True)
+    for block in report["blocks"]:
+        print(f"  block {block['index']}: held-out output error {block['heldout_before']:.4f} -> "
+              f"{block['heldout_after']:.4f} ({'merged' if block['merged'] else 'reverted'})")
+    evaluate(str(model), data=[str(text)], seqlen=64, device="cpu")
+    evaluate(str(root / "pruned"), data=[str(text)], seqlen=64, device="cpu")
+    print(f"demo: pruned checkpoint and report.json in {root / 'pruned'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"prune": run_prune, "eval": run_eval, "demo": run_demo}
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return _import(_EXTRA_COMMANDS[args.command][0]).main(args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as error:
+        # Our own errors (bad settings, data, model, output) are ValueError/OSError subclasses with a
+        # message that says what to do; a traceback would only hide it.
+        if args.verbose:
+            logging.exception("details")
+        print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
