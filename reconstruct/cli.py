@@ -200,3 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.exception("details")
         print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
