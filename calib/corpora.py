@@ -21,7 +21,7 @@ from calib import sources, tokens
 from calib.cache import TokenCache, token_cache_dir, tokenizer_identity
 
 # SparseGPT's C4 evaluation text: the first 1100 validation documents joined with single spaces
-# (enough for 256 windows of 2048 tokens with LLaMA's tokenizer).
+# (then cut to 256 windows by calib.evaluation).
 C4_EVAL_DOCUMENTS = 1100
 # Separator of documents joined into one text: the blank line that separates wikitext2's lines in
 # the papers' evaluation text.
