@@ -109,7 +109,7 @@ def zero_shot(model_path: str, tasks: list[str], batch_size: int | str = 1, devi
     lm_eval = _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    tasks = list(tasks)
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # one name, not its characters
     if not tasks:
         raise ValueError("no zero-shot tasks given; name at least one, e.g. "
                          f"--tasks {','.join(PAPER_ZERO_SHOT_TASKS)}")

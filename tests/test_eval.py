@@ -151,6 +151,11 @@ def test_evaluate_rejects_a_missing_local_model_directory(tmp_path):
         evaluate(str(tmp_path / "no-such-model"), data=[str(EVAL_TEXT)], seqlen=SEQLEN)
 
 
+def test_evaluate_with_an_unreachable_hub_id_says_to_use_a_local_directory():
+    with pytest.raises(OSError, match="pass the path of a local checkpoint directory"):
+        evaluate("nobody/no-such-model", data=[str(EVAL_TEXT)], seqlen=SEQLEN)
+
+
 def test_evaluate_rejects_an_unknown_dtype(model_dir):
     with pytest.raises(ValueError, match="unknown dtype 'fp13'"):
         evaluate(str(model_dir), data=[str(EVAL_TEXT)], seqlen=SEQLEN, dtype="fp13")
