@@ -17,6 +17,7 @@ the dense model at the same seqlen beside the pruned one. docs/evaluation.md has
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -185,11 +186,15 @@ def evaluate(model: str, data: list[str] | tuple[str, ...] | str = ("wikitext2",
     results: dict = {"model": model, "seqlen": seqlen, "dtype": dtype, "perplexity": {},
                      "eval_windows": {}, "zero_shot": None}
     if sources:
-        language_model, tokenizer = load_model_and_tokenizer(model, torch_dtype, device)
+        # All token streams first: bad data fails in seconds, before a large model is loaded.
+        tokenizer = load_tokenizer(model)
+        token_streams = {source: eval_tokens(source, tokenizer, seqlen, text_field=text_field,
+                                             cache_dir=cache_dir)
+                         for source in sources}
+        language_model = load_model(model, torch_dtype, device)
         results["dtype"] = str(language_model.dtype).removeprefix("torch.")
         _warn_if_beyond_context(language_model, seqlen)
-        for source in sources:
-            tokens = eval_tokens(source, tokenizer, seqlen, text_field=text_field, cache_dir=cache_dir)
+        for source, tokens in token_streams.items():
             results["perplexity"][source] = perplexity(language_model, tokens, seqlen, batch_size, device)
             results["eval_windows"][source] = tokens.shape[1] // seqlen
         # lm-eval loads its own copy of the model: free ours first so that only one is in memory.
@@ -200,27 +205,41 @@ def evaluate(model: str, data: list[str] | tuple[str, ...] | str = ("wikitext2",
     if tasks:
         results["zero_shot"] = zero_shot(model, tasks, batch_size=batch_size, device=device,
                                          limit=limit, include_path=include_path, dtype=dtype)
-    print(markdown_table(results))
+    print(markdown_table(results), end="\n\n")
     if output_json is not None:
         _write_json(results, Path(output_json))
     return results
 
 
-def load_model_and_tokenizer(model: str, dtype: torch.dtype | str | None, device: str):
-    """A causal LM (eval mode, on `device`) and its tokenizer, from a local directory or the hub."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model: str):
+    """The tokenizer of a local checkpoint directory or a hub id."""
+    from transformers import AutoTokenizer
+
+    _check_model_location(model)
+    with _hub_failure_advice(model):
+        return AutoTokenizer.from_pretrained(model)
+
+
+def load_model(model: str, dtype: torch.dtype | str | None, device: str):
+    """A causal LM in eval mode on `device`, from a local checkpoint directory or a hub id."""
+    from transformers import AutoModelForCausalLM
 
     _check_model_location(model)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    with _hub_failure_advice(model):
+        return AutoModelForCausalLM.from_pretrained(model, device_map=device, **kwargs).eval()
+
+
+@contextlib.contextmanager
+def _hub_failure_advice(model: str):
+    """Turn a failure to fetch `model` from the hub into advice to use a local directory."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        language_model = AutoModelForCausalLM.from_pretrained(model, device_map=device, **kwargs)
+        yield
     except OSError as exc:
         if Path(model).expanduser().is_dir():
             raise  # a local checkpoint with a problem: transformers' message says which
         raise OSError(f"could not load model {model!r} from the Hugging Face hub ({exc}); if the "
                       f"machine is offline, pass the path of a local checkpoint directory") from exc
-    return language_model.eval(), tokenizer
 
 
 def _check_model_location(model: str) -> None:

@@ -156,6 +156,18 @@ def test_evaluate_with_an_unreachable_hub_id_says_to_use_a_local_directory():
         evaluate("nobody/no-such-model", data=[str(EVAL_TEXT)], seqlen=SEQLEN)
 
 
+def test_evaluate_checks_every_data_source_before_loading_the_model(model_dir, tmp_path, monkeypatch):
+    from calib import CalibrationError
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(evaluation, "load_model", no_model_load)
+    with pytest.raises(CalibrationError, match="nor an existing file"):
+        evaluate(str(model_dir), data=[str(EVAL_TEXT), str(tmp_path / "missing.txt")], seqlen=SEQLEN,
+                 cache_dir=tmp_path / "cache")
+
+
 def test_evaluate_rejects_an_unknown_dtype(model_dir):
     with pytest.raises(ValueError, match="unknown dtype 'fp13'"):
         evaluate(str(model_dir), data=[str(EVAL_TEXT)], seqlen=SEQLEN, dtype="fp13")
