@@ -41,7 +41,7 @@ class RunConfig:
     device: str = field(default_factory=default_device)
     dtype: str | None = None             # bf16 | fp16 | fp32; None = the checkpoint's
     tokenizer: str | None = None         # default: the model's directory
-    batch_size: int = 1                  # windows per forward pass (halved on CUDA out-of-memory)
+    batch_size: int = 8                  # windows per forward pass (halved on CUDA out-of-memory)
     correction: str = "masklora"
     rank: int = 16
     alpha: float = 32.0
