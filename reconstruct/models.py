@@ -318,8 +318,15 @@ def open_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
     storage_dtype = dtype or _config_dtype(config) or reader.dtype()
     try:
         with init_empty_weights(include_buffers=False):
-            skeleton = AutoModelForCausalLM.from_config(config, dtype=storage_dtype,
-                                                        attn_implementation=attn_implementation)
+            try:
+                skeleton = AutoModelForCausalLM.from_config(config, dtype=storage_dtype,
+                                                            attn_implementation=attn_implementation)
+            except ValueError as error:
+                # Some families (e.g. Gemma 2) have no SDPA attention: fall back to eager attention.
+                if attn_implementation in (None, "eager") or "attention implementation" not in str(error):
+                    raise
+                skeleton = AutoModelForCausalLM.from_config(config, dtype=storage_dtype,
+                                                            attn_implementation="eager")
     except ValueError as error:
         raise UnsupportedModelError(
             f"{directory}: model_type={getattr(config, 'model_type', '?')!r} is not a causal "
