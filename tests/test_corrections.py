@@ -1,0 +1,166 @@
+"""Corrections: merges that keep sparsity, fits that help, the never-worse guard, every correction,
+granularity and target end to end with exact sparsity."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import load_causal_lm, pruned_matrices, saved_tensors
+from reconstruct.corrections import CorrectionError, CorrectionOptions, choices, make_correction
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging, on one pruned linear
+class _Unit(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _pruned_unit(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(48, 40, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 48, generator=g) * 0.2)
+        linear.bias.copy_(torch.randn(40, generator=g) * 0.1)
+    mask = torch.rand(40, 48, generator=g) > 0.5  # True = kept
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    return _Unit(linear.to(dtype)), mask
+
+
+def _attach_and_perturb(name, unit, mask, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    attachment = make_correction(name).attach(unit, {"proj": mask}, CorrectionOptions(rank=4, alpha=8.0),
+                                              torch.Generator().manual_seed(0))
+    assert attachment.trainable
+    with torch.no_grad():  # away from the initialisation, where every update is trivially zero/one
+        for parameter in attachment.trainable:
+            parameter.add_(torch.randn(parameter.shape, generator=g) * 0.3)
+    return attachment
+
+
+@pytest.mark.parametrize("name", ["masklora", "scalelora"])
+def test_sparsity_preserving_merge_is_exact(name):
+    unit, mask = _pruned_unit()
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(2))
+    before_fit = unit(x).detach()
+    attachment = _attach_and_perturb(name, unit, mask)
+    with torch.no_grad():
+        unmerged = unit(x)
+    assert (unmerged - before_fit).abs().max() > 1e-2  # the perturbed correction does change the layer
+    attachment.merge()
+    assert type(unit.proj) is nn.Linear  # ordinary modules are left behind
+    weight = unit.proj.weight.detach()
+    assert (weight[~mask] == 0).all()
+    assert (weight[mask] != 0).float().mean() > 0.99
+    with torch.no_grad():
+        merged = unit(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["masklora", "scalelora"])
+def test_merge_into_half_precision_keeps_zeros(name):
+    unit, mask = _pruned_unit(torch.bfloat16)
+    attachment = _attach_and_perturb(name, unit, mask)
+    attachment.merge()
+    assert unit.proj.weight.dtype == torch.bfloat16
+    assert (unit.proj.weight[~mask] == 0).all()
+
+
+def test_lora_prune_merge_changes_the_fitted_layer():
+    unit, mask = _pruned_unit()
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(2))
+    attachment = _attach_and_perturb("lora-prune", unit, mask)
+    with torch.no_grad():
+        unmerged = unit(x)
+    attachment.merge()
+    assert (unit.proj.weight[~mask] == 0).all()  # the mask is applied when merging...
+    with torch.no_grad():
+        merged = unit(x)
+    # ...which throws away the update at pruned positions: not the layer that was fitted.
+    assert (merged - unmerged).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+def _assert_exact_row_sparsity(directory, sparsity):
+    model = load_causal_lm(directory)
+    matrices = pruned_matrices(model)
+    assert matrices
+    for name, weight in matrices.items():
+        assert torch.isfinite(weight).all(), name
+        assert ((weight == 0).sum(dim=1) == int(weight.shape[1] * sparsity)).all(), name
+
+
+def test_fitted_blocks_beat_the_uncorrected_ones(tiny_checkpoint, prune_tiny, tmp_path):
+    model_dir = tiny_checkpoint("llama", hidden_size=64, intermediate_size=128)
+    report = prune_tiny(model_dir, tmp_path / "fit", sparsity=0.7, correction="masklora", steps=50, lr=3e-3,
+                        rank=8, nsamples=16)
+    assert len(report["blocks"]) == 2
+    for block in report["blocks"]:
+        assert block["merged"] is True, block
+        assert block["heldout_after"] < 0.9 * block["heldout_before"], block
+        assert block["error_after"] < block["error_before"], block
+    assert report["totals"]["reverted_blocks"] == []
+    _assert_exact_row_sparsity(tmp_path / "fit", 0.7)
+
+
+def test_never_worse_guard_reverts_a_broken_fit(tiny_checkpoint, prune_tiny, tmp_path):
+    model_dir = tiny_checkpoint("llama")
+    broken = prune_tiny(model_dir, tmp_path / "broken", correction="masklora", steps=10, lr=1e6, warmup=0.0)
+    prune_tiny(model_dir, tmp_path / "plain", correction="none")
+
+    assert [b["merged"] for b in broken["blocks"]] == [False, False]
+    assert broken["totals"]["reverted_blocks"] == [0, 1]
+    for block in broken["blocks"]:
+        assert "reverted" in block["units"][0]["note"]
+    reverted, plain = saved_tensors(tmp_path / "broken"), saved_tensors(tmp_path / "plain")
+    assert reverted.keys() == plain.keys()
+    for name, tensor in reverted.items():
+        assert torch.isfinite(tensor).all(), name
+        assert torch.equal(tensor, plain[name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("correction", choices())
+def test_every_correction_runs_on_opt(correction, tiny_checkpoint, prune_tiny, tmp_path):
+    model_dir = tiny_checkpoint("opt")
+    report = prune_tiny(model_dir, tmp_path / "out", correction=correction, steps=3, rank=4)
+    assert report["correction"] == correction
+    assert len(report["blocks"]) == 2
+    if correction == "none":
+        assert all("merged" not in block for block in report["blocks"])
+    else:
+        assert all(isinstance(block["merged"], bool) and block["trainable_params"] > 0
+                   for block in report["blocks"])
+    _assert_exact_row_sparsity(tmp_path / "out", 0.5)
+
+
+def test_bias_correction_on_llama_says_why(tiny_checkpoint, prune_tiny, tmp_path):
+    with pytest.raises(CorrectionError, match="no biases"):
+        prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="bias", steps=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_correction_lists_choices():
+    with pytest.raises(CorrectionError, match="masklora"):
+        make_correction("masklora+nonsense")
+
+
+@pytest.mark.parametrize("granularity, target", [("block", "sparse-inputs"), ("sublayer", "sparse-inputs"),
+                                                 ("linear", "sparse-inputs"), ("block", "dense"),
+                                                 ("block", "none")])
+def test_granularities_and_targets_keep_exact_sparsity(granularity, target, tiny_checkpoint, prune_tiny,
+                                                       tmp_path):
+    model_dir = tiny_checkpoint("llama")
+    report = prune_tiny(model_dir, tmp_path / "out", correction="masklora", steps=3, rank=4,
+                        granularity=granularity, target=target)
+    units = {unit["unit"] for unit in report["blocks"][0]["units"]}
+    expected_units = {"block": 1, "sublayer": 2, "linear": 7}[granularity]
+    assert len(units) == expected_units, units
+    assert report["totals"]["pruned_sparsity"] == pytest.approx(0.5)
+    _assert_exact_row_sparsity(tmp_path / "out", 0.5)
