@@ -34,7 +34,7 @@ from .capture import call_block, catch_block0_inputs, catch_block_kwargs, kwargs
 from .corrections import make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
-from .corrections import CorrectionOptions
+from .corrections import CorrectionError, CorrectionOptions
 from .pruning import METHODS, PruningError
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
@@ -194,6 +194,7 @@ class Driver:
     def open(self) -> None:
         self.adapter: ModelAdapter = open_model(self.config.model, self.config.torch_dtype)
         self.check_layers_against_model()
+        self.check_correction_against_model()
         self.tokenizer = self.load_tokenizer()
 
     def load_tokenizer(self):
@@ -205,6 +206,22 @@ class Driver:
         except Exception as error:
             raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
                                         "with a directory or hub id that has one") from error
+
+    def check_correction_against_model(self) -> None:
+        """Fail before any work if the correction cannot attach to a fitting unit (e.g. bias training on
+        a model without biases): a trial attachment to a weightless (meta) copy of every block."""
+        if self.correction is None:
+            return
+        for index, block in enumerate(self.adapter.blocks):
+            trial = copy.deepcopy(block)
+            masks = {name: torch.ones(linear.weight.shape, dtype=torch.bool, device="meta")
+                     for name, linear in prunable_linears(trial, self.config.layers).items()}
+            for unit_name in fitting_units(trial, self.config.granularity, masks):
+                root, root_masks = attach_point(trial, unit_name, masks)
+                try:
+                    self.correction.attach(root, root_masks, self.fit_options.correction, torch.Generator())
+                except CorrectionError as error:
+                    raise CorrectionError(f"block {index} unit {unit_name or 'block'}: {error}") from None
 
     def check_layers_against_model(self) -> None:
         """Fail before any work if the layer filter matches nothing or N:M does not divide a layer."""
