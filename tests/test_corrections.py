@@ -140,10 +140,10 @@ def test_every_correction_runs_on_opt(correction, tiny_checkpoint, prune_tiny, t
     _assert_exact_row_sparsity(tmp_path / "out", 0.5)
 
 
-def test_bias_correction_on_llama_says_why(tiny_checkpoint, prune_tiny, tmp_path):
-    with pytest.raises(CorrectionError, match="no biases"):
+def test_bias_correction_on_llama_says_why_before_any_work(tiny_checkpoint, prune_tiny, tmp_path):
+    with pytest.raises(CorrectionError, match="correction 'bias': this model's linear layers have no biases"):
         prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="bias", steps=2)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_unknown_correction_lists_choices():

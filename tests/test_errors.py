@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from calib import CalibrationError
 from reconstruct.api import ConfigError
 from reconstruct.cli import EXIT_BAD_INPUT, main
+from reconstruct.corrections import CorrectionError
 from reconstruct.models import CheckpointError, UnsupportedModelError
 from reconstruct.pruning import PruningError
 from reconstruct.writer import OutputError
@@ -74,6 +75,10 @@ CASES = [
      r"pattern 3:6: layer model\.layers\.0\.\S+ has (32|64) inputs, not a multiple of 6"),
     ("too-few-tokens", "llama", {"nsamples": 400, "seqlen": 128}, CalibrationError,
      r"has \d+ tokens, but 400 windows of 128 tokens need at least 51200"),
+    ("bias-without-biases", "llama", {"correction": "bias"}, CorrectionError,
+     r"block 0 unit block: correction 'bias': this model's linear layers have no biases"),
+    ("norm-unit-without-norms", "llama", {"correction": "norm", "granularity": "sublayer"}, CorrectionError,
+     r"block 0 unit self_attn: correction 'norm': this unit has no normalisation layers"),
 ]
 
 
