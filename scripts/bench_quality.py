@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,2:4")
     parser.add_argument("--corrections", default=ALL_CORRECTIONS)
-    parser.add_argument("--lr", default="1e-3", help="comma-separated: several values sweep it")
+    parser.add_argument("--lr", default="3e-3", help="comma-separated: several values sweep it")
     parser.add_argument("--steps", default="200", help="comma-separated: several values sweep it")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
