@@ -44,16 +44,16 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from calib.sources import is_hub_source
+from calib.sources import is_hub_source, local_file
 
 from .api import ConfigError, RunConfig, default_device, prune
-from .eval import evaluate
+from .eval import LM_EVAL_INSTALL_COMMAND, evaluate
 from .pruning import NMPattern, PruningError
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,19 @@ class Cell:
         return self.method == DENSE
 
     def recorded_settings(self) -> dict:
-        """What the cell's numbers depend on; a finished cell is valid only while these are unchanged."""
+        """What the cell's numbers depend on; a finished cell is valid only while these are unchanged.
+
+        The prune settings are complete, defaults included: a default that changes in a later version
+        of the engine makes the cell's result stale just as an edited grid does."""
         def significant(settings: dict) -> dict:
             return {k: v for k, v in settings.items() if k not in RESOURCE_SETTINGS}
 
+        prune_settings = {}
+        if not self.is_dense:
+            config = asdict(RunConfig(model=self.model.location, out="", **self.prune_settings))
+            prune_settings = {k: v for k, v in config.items() if k not in ("model", "out", "overwrite", "resume")}
         return _json_normalised({"model": self.model.location, "method": self.method,
-                                 "prune": significant(self.prune_settings),
+                                 "prune": significant(prune_settings),
                                  "eval": significant(self.eval_settings),
                                  "data": {source.name: source.location for source in self.data}})
 
@@ -191,11 +198,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
     prune_settings = _prune_settings(raw.get("prune") or {})
     grid = Grid(
-        models=_named_entries(_required_list(raw, "models"), "models", "path"),
+        models=_named_entries(_required_list(raw, "models"), "models", keep_suffix=True),
         methods=[str(m) for m in _required_list(raw, "methods")],
         sparsities=[_parse_sparsity(s) for s in _required_list(raw, "sparsities")],
         corrections=[str(c) for c in _required_list(raw, "corrections")],
-        seeds=[_parse_seed(s) for s in raw.get("seeds", [0])],
+        seeds=[_parse_seed(s) for s in _required_list(raw, "seeds")] if "seeds" in raw else [0],
         prune=prune_settings,
         eval=_eval_settings(raw.get("eval") or {}, prune_settings),
         data=_eval_sources(raw.get("eval") or {}),
@@ -208,6 +215,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     _check_unique([s.location for s in grid.data], "eval data sources")
     _check_unique([c.id for c in grid.cells()], "cells (a method, sparsity, correction or seed is listed twice)")
     _check_prune_settings(grid)
+    _check_data_files(grid)
     return grid
 
 
@@ -220,25 +228,27 @@ def _required_list(raw: dict, key: str) -> list:
     return list(value)
 
 
-def _named_entries(entries: list, what: str, location_key: str) -> list[Named]:
-    """Strings (the name is derived) or mappings {name: ..., <location_key>: ...}."""
+def _named_entries(entries: list, what: str, keep_suffix: bool) -> list[Named]:
+    """Strings (the name is derived from the path) or mappings {name: ..., path: ...}."""
     named = []
     for entry in entries:
         if isinstance(entry, dict):
-            if set(entry) - {"name", location_key} or location_key not in entry:
-                raise ConfigError(f"{what} entry {entry}: use a string or {{name: ..., {location_key}: ...}}")
-            location = _local_path_or_name(str(entry[location_key]))
-            name = str(entry.get("name") or _short_name(location))
+            if set(entry) - {"name", "path"} or "path" not in entry:
+                raise ConfigError(f"{what} entry {entry}: use a string or {{name: ..., path: ...}}")
+            location = _local_path_or_name(str(entry["path"]))
+            name = str(entry.get("name") or _short_name(location, keep_suffix))
         else:
             location = _local_path_or_name(str(entry))
-            name = _short_name(location)
+            name = _short_name(location, keep_suffix)
         named.append(Named(name=name, location=location))
     return named
 
 
-def _short_name(location: str) -> str:
-    """The last path component without its suffix: ~/models/llama -> llama, data/test.txt -> test."""
-    return Path(location.rstrip("/")).stem or location
+def _short_name(location: str, keep_suffix: bool) -> str:
+    """The last path component: ~/models/llama -> llama, facebook/opt-1.3b -> opt-1.3b; for data
+    files without the suffix: data/test.txt -> test."""
+    path = Path(location)
+    return (path.name if keep_suffix else path.stem) or location
 
 
 def _local_path_or_name(value: str) -> str:
@@ -247,7 +257,7 @@ def _local_path_or_name(value: str) -> str:
     if is_hub_source(value):
         return value  # calib reads these names as the hub datasets even if such a file exists
     expanded = Path(value).expanduser()
-    return str(expanded.resolve()) if expanded.exists() else (str(expanded) if value.startswith("~") else value)
+    return str(expanded.resolve()) if expanded.exists() else str(expanded)
 
 
 def _parse_sparsity(entry) -> Sparsity:
@@ -326,7 +336,7 @@ def _eval_sources(raw: dict) -> list[Named]:
     data = raw.get("data") or []
     if isinstance(data, str):
         data = [s for s in data.split(",") if s]
-    return _named_entries(list(data), "eval data", "path")
+    return _named_entries(list(data), "eval data", keep_suffix=False)
 
 
 def _check_unique(values: list[str], what: str) -> None:
@@ -344,6 +354,16 @@ def _check_prune_settings(grid: Grid) -> None:
             RunConfig(model=cell.model.location, out=cell.id, **cell.prune_settings).validate()
         except ConfigError as error:
             raise ConfigError(f"cell {cell.id}: {error}") from None
+
+
+def _check_data_files(grid: Grid) -> None:
+    """A missing calibration or evaluation file would fail every cell, each after its prune: say so now."""
+    sources = [source.location for source in grid.data]
+    if isinstance(grid.prune.get("calib"), str):
+        sources.append(grid.prune["calib"])
+    for source in sources:
+        if not is_hub_source(source):
+            local_file(source)  # raises CalibrationError (a ValueError) naming the problem
 
 
 def _json_normalised(value):
@@ -427,8 +447,13 @@ def _read_json(path: Path):
 
 
 def _write_json_atomically(path: Path, data) -> None:
+    """Write to a temporary name, flush to disk, rename: a reader (or a rerun after a crash) sees the
+    old file or the complete new one, never half of one."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps(data, indent=2, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
@@ -446,7 +471,7 @@ def run_sweep(grid: Grid, out: Path, dry_run: bool = False, grid_file: Path | No
     if dry_run:
         print_plan(directories)
         return 0
-    _check_plotting_available()
+    _check_optional_packages(grid)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         if grid_file is not None:
@@ -459,9 +484,9 @@ def run_sweep(grid: Grid, out: Path, dry_run: bool = False, grid_file: Path | No
         try:
             for number, directory in enumerate(directories, start=1):
                 print(f"[{number}/{len(directories)}] {directory.cell.id}", flush=True)
-                outcome = run_cell(directory, grid.keep_checkpoints)
-                print(f"[{number}/{len(directories)}] {directory.cell.id}: {outcome}", flush=True)
-                if outcome.startswith("failed"):
+                status, detail = run_cell(directory, grid.keep_checkpoints)
+                print(f"[{number}/{len(directories)}] {directory.cell.id}: {status} {detail}", flush=True)
+                if status == "failed":
                     failed.append(directory.cell.id)
                 write_tables(directories, grid, out)  # after every cell: progress is visible
         except KeyboardInterrupt:
@@ -493,25 +518,25 @@ def print_plan(directories: list[CellDirectory]) -> None:
     print(f"{len(directories)} cells, {todo} to run")
 
 
-def run_cell(directory: CellDirectory, keep_checkpoints: bool) -> str:
-    """Bring one cell to finished (or record why not); return a one-line outcome."""
+def run_cell(directory: CellDirectory, keep_checkpoints: bool) -> tuple[str, str]:
+    """Bring one cell to finished (or record why not); return (skipped | finished | failed, details)."""
     if directory.is_finished():
         if not keep_checkpoints:
             directory.remove_checkpoint()  # left over if a run stopped between result and clean-up
-        return "already finished, skipped"
+        return "skipped", "(finished earlier)"
     directory.start()
     try:
         result = prune_and_evaluate(directory)
     except Exception as error:  # noqa: BLE001  one cell's failure must not stop the others
         log.debug("cell %s failed", directory.cell.id, exc_info=True)
         directory.record_failure(error)
-        return f"failed: {type(error).__name__}: {error}"
+        return "failed", f"{type(error).__name__}: {error}"
     finally:
-        gc.collect()  # the cell's model and activations, before the next cell allocates its own
+        _free_memory()  # the cell's model and activations, before the next cell allocates its own
     directory.finish(result)
     if not keep_checkpoints:
         directory.remove_checkpoint()
-    return "finished " + ", ".join(f"{name} ppl {value:.4g}" for name, value in result["perplexity"].items())
+    return "finished", ", ".join(f"{name} ppl {value:.4g}" for name, value in result["perplexity"].items())
 
 
 def prune_and_evaluate(directory: CellDirectory) -> dict:
@@ -536,14 +561,20 @@ def prune_and_evaluate(directory: CellDirectory) -> dict:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _reset_peak_memory() -> bool:
     """Restart the peak-memory counters, so that a prune report's peak is that cell's own.
 
     All cells run in one process, whose peak resident memory (what the prune report records) only
     grows; Linux restarts it when "5" is written to /proc/self/clear_refs. Returns False where that
     is impossible."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    for device in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -566,9 +597,13 @@ def _exclusive(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check_plotting_available() -> None:
+def _check_optional_packages(grid: Grid) -> None:
+    """Fail before the first cell rather than after every cell's prune."""
     if importlib.util.find_spec("matplotlib") is None:
         raise ImportError("the sweep's plots need matplotlib; install it with: pip install reconstruct[plots]")
+    if grid.eval.get("tasks") and importlib.util.find_spec("lm_eval") is None:
+        raise ImportError(f"the grid's zero-shot tasks need lm-evaluation-harness; install it with: "
+                          f"{LM_EVAL_INSTALL_COMMAND}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -650,10 +685,14 @@ def _csv_value(value):
 
 
 def markdown_report(rows: list[dict], grid: Grid) -> str:
+    settings = ", ".join(f"{key}={_display(value)}" for key, value in grid.prune.items())
     lines = ["# Sweep results", "",
-             f"Perplexity at seqlen {grid.eval['seqlen']}; each entry is the mean over seeds "
-             f"{', '.join(map(str, grid.seeds))} (± their standard deviation when there are several).", ""]
-    metrics = [(f"ppl_{source.name}", f"perplexity on {source.name} ({source.location})") for source in grid.data]
+             "- Models: " + ", ".join(f"{model.name} ({_display(model.location)})" for model in grid.models),
+             f"- Prune settings: {settings or 'the defaults'}",
+             f"- Perplexity at seqlen {grid.eval['seqlen']}; each entry is the mean over seeds "
+             f"{', '.join(map(str, grid.seeds))} (± their standard deviation when there are several)", ""]
+    metrics = [(f"ppl_{source.name}", f"perplexity on {source.name} ({_display(source.location)})")
+               for source in grid.data]
     if grid.eval.get("tasks"):
         metrics.append(("zero_shot_mean", f"mean zero-shot accuracy ({', '.join(grid.eval['tasks'])})"))
     for model in grid.models:
@@ -664,6 +703,13 @@ def markdown_report(rows: list[dict], grid: Grid) -> str:
     if failed:
         lines += ["## Failed cells", "", *[f"- `{row['cell']}`: {row['error']}" for row in failed], ""]
     return "\n".join(lines)
+
+
+def _display(value) -> str:
+    """Paths under the home directory as ~/...: shorter, and the same on every machine."""
+    text = str(value)
+    home = str(Path.home())
+    return "~" + text[len(home):] if text.startswith(home + os.sep) else text
 
 
 def _metric_table(rows: list[dict], column: str, grid: Grid) -> list[str]:

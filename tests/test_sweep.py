@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from reconstruct import sweep
-from reconstruct.api import ConfigError
 from reconstruct.cli import main as cli
 from reconstruct.tiny import save_tiny_model, write_sample_text
 
@@ -96,9 +95,10 @@ def test_grid_cells_and_ids(tmp_path, files):
     ({"prune": {"nsample": 4}}, "unknown prune settings"),
     ({"eval": {"data": [], "seqlen": 32}}, "eval needs"),
     ({"corrections": ["nonsense"]}, "unknown correction"),
+    ({"eval": {"data": ["/nowhere/test.txt"], "seqlen": 32}}, "neither a known dataset"),
 ])
 def test_grid_errors_say_what_is_wrong(tmp_path, files, changes, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ValueError, match=message):  # ConfigError, or calib's CalibrationError
         sweep.load_grid(write_grid(tmp_path, files, **changes))
 
 
