@@ -7,6 +7,7 @@ one at a time; nothing here knows about models.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ class ActivationStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             with open(self.path, "wb") as handle:
-                handle.truncate(nbytes)
+                _reserve(handle, nbytes, self.path)
             self.data = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype).view(self.shape)
 
     @classmethod
@@ -58,17 +59,47 @@ class ActivationStore:
     def save_to(self, destination: Path) -> None:
         """Write the store's contents to `destination` atomically (temporary file, then rename)."""
         temporary = destination.with_suffix(destination.suffix + ".tmp")
-        with open(temporary, "wb") as handle:
-            for window in range(len(self)):  # one window at a time: no second copy of the store
-                handle.write(memoryview(self.data[window].contiguous().view(torch.uint8).numpy()))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, destination)
+        try:
+            with open(temporary, "wb") as handle:
+                for window in range(len(self)):  # one window at a time: no second copy of the store
+                    handle.write(memoryview(self.data[window].contiguous().view(torch.uint8).numpy()))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, destination)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            if error.errno == errno.ENOSPC:
+                raise _no_space(destination) from error
+            raise
 
     def delete(self) -> None:
         self.data = None
         if self.path is not None and self.path.exists():
             self.path.unlink()
+
+
+def _reserve(handle, nbytes: int, path: Path) -> None:
+    """Allocate a store file's blocks now: a memory-mapped write that a full disk cannot back kills
+    the process with SIGBUS, where an allocation up front fails with ENOSPC."""
+    if nbytes and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+            return
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                path.unlink(missing_ok=True)
+                raise _no_space(path) from error
+            # Not supported by this file system: a sparse file, as without posix_fallocate.
+    handle.truncate(nbytes)
+
+
+def _no_space(path: Path) -> OSError:
+    """A full disk, as the run's OutputError: what to do, and that finished blocks are kept."""
+    from .writer import OutputError
+
+    return OutputError(errno.ENOSPC, f"no space left on the device for the activations {path.name} in "
+                       f"{path.parent}; free some space (or use --offload-activations ram) and rerun the "
+                       "same command with --resume: the blocks already finished are kept")
 
 
 def bytes_per_store(windows: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
