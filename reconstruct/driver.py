@@ -542,6 +542,16 @@ def _storage(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM where there is one, not ru_maxrss, which a
+    process started by fork and exec inherits from its parent (a run launched by a process holding
+    several GB would report those)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
