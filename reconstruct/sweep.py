@@ -885,14 +885,16 @@ def _heldout_blocks(directories: list[CellDirectory], method: str, sparsity: Spa
 
 
 def _log_y_axis(axes) -> None:
-    """A log y axis labelled with plain numbers: the values often span less than a decade, where
-    matplotlib's default labels read 3.245 x 10^2."""
-    from matplotlib.ticker import FuncFormatter
+    """A log y axis labelled with plain numbers (matplotlib's default reads 3.245 x 10^2). Within a
+    decade only the minor ticks fall inside the range, so they get labels; across decades they would
+    crowd, so only the powers of ten do."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     axes.set_yscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:.4g}")
     axes.yaxis.set_major_formatter(plain)
-    axes.yaxis.set_minor_formatter(plain)
+    low, high = axes.get_ylim()
+    axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
 
 
 def _colour_cycle():
