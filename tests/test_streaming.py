@@ -1,0 +1,438 @@
+"""Streaming: activation stores on disk or in RAM, sharded and bf16 checkpoints, broken inputs, a full
+output disk, and the one-block-in-memory promise.
+
+Offline: tiny LLaMAs from reconstruct.tiny (3 blocks) and the sample text, pruned in process.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from reconstruct import driver as driver_module
+from reconstruct import store as store_module
+from reconstruct import writer as writer_module
+from reconstruct.api import RunConfig, prune
+from reconstruct.models import CheckpointError, CheckpointReader, ModelAdapter
+from reconstruct.tiny import save_tiny_model, write_sample_text
+from reconstruct.writer import OutputError
+
+BLOCKS = 3
+SHARDS = BLOCKS + 1  # one per block, then the non-block tensors
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("RECONSTRUCT_CACHE", str(tmp_path / "reconstruct-cache"))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("streaming")
+
+
+@pytest.fixture(scope="module")
+def text(root):
+    return write_sample_text(root / "calib.txt")
+
+
+@pytest.fixture(scope="module")
+def model(root):
+    return save_tiny_model(root / "model", "llama", num_hidden_layers=BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def sharded_model(root):
+    return save_tiny_model(root / "model-sharded", "llama", num_hidden_layers=BLOCKS, max_shard_size="20KB")
+
+
+def settings(text, root, **overrides) -> dict:
+    # A learning rate at which the tiny model's corrections help, so they are merged, not reverted:
+    # a resumed run then reproduces fitted weights, not just pruned ones.
+    base = dict(method="wanda", sparsity=0.5, correction="masklora", rank=4, steps=5, lr=3e-4,
+                calib=str(text), nsamples=16, seqlen=32, device="cpu", cache_dir=str(root / "token-cache"))
+    return {**base, **overrides}
+
+
+@pytest.fixture(scope="module")
+def reference(model, text, root):
+    """The RAM-store run every other run with the same settings must reproduce byte for byte."""
+    out = root / "reference"
+    report = prune(str(model), str(out), **settings(text, root, offload_activations="ram"))
+    assert all(block["merged"] for block in report["blocks"])
+    return out
+
+
+def checkpoint_files(directory: Path) -> list[str]:
+    names = sorted(p.name for p in directory.glob("model-*.safetensors"))
+    assert len(names) == SHARDS, names
+    return names + ["model.safetensors.index.json", "config.json"]
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    assert checkpoint_files(a) == checkpoint_files(b)
+    for name in checkpoint_files(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between {a} and {b}"
+
+
+def shard_dtypes(directory: Path) -> set[str]:
+    dtypes = set()
+    for shard in directory.glob("model*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            dtypes.update(handle.get_slice(name).get_dtype() for name in handle.keys())
+    return dtypes
+
+
+def config_dtype(directory: Path) -> str:
+    config = json.loads((directory / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+@pytest.fixture
+def store_log(monkeypatch):
+    """Where every activation store of a run lived: a list of 'disk' / 'ram'."""
+    created = []
+    original = store_module.StoreFactory.create
+
+    def create(self, name, shape, dtype):
+        store = original(self, name, shape, dtype)
+        created.append("disk" if store.on_disk else "ram")
+        return store
+
+    monkeypatch.setattr(store_module.StoreFactory, "create", create)
+    return created
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation stores
+def test_disk_store_gives_the_same_checkpoint_as_ram(model, text, root, reference, store_log, tmp_path):
+    out = tmp_path / "disk"
+    prune(str(model), str(out), **settings(text, root, offload_activations="disk"))
+    assert store_log and set(store_log) == {"disk"}
+    assert_same_checkpoint(out, reference)
+    assert not out.with_name("disk.partial").exists()
+
+
+def test_auto_goes_to_disk_when_the_budget_is_tiny(model, text, root, reference, store_log, tmp_path):
+    prune(str(model), str(tmp_path / "auto-tiny"),
+          **settings(text, root, offload_activations="auto", activation_budget_gb=1e-9))
+    assert store_log and set(store_log) == {"disk"}
+    assert_same_checkpoint(tmp_path / "auto-tiny", reference)
+
+    store_log.clear()
+    prune(str(model), str(tmp_path / "auto-large"),
+          **settings(text, root, offload_activations="auto", activation_budget_gb=64))
+    assert store_log and set(store_log) == {"ram"}
+
+
+def test_store_choice_by_budget(tmp_path):
+    shape, dtype = (8, 32, 64), torch.float32  # 64 KiB per store
+    store_bytes = store_module.bytes_per_store(*shape, dtype)
+    factory = store_module.StoreFactory("auto", tmp_path, budget_bytes=5 * store_bytes, streams=5)
+    assert factory.choose(shape, dtype) == "ram"
+    factory.budget_bytes = 5 * store_bytes - 1
+    assert factory.choose(shape, dtype) == "disk"
+    disk = factory.create("x", shape, dtype)
+    disk[0:2] = torch.ones(2, 32, 64)
+    reopened = store_module.ActivationStore.open(disk.path, shape, dtype)
+    assert torch.equal(reopened[0:2], torch.ones(2, 32, 64)) and torch.equal(reopened[2:], torch.zeros(6, 32, 64))
+    with pytest.raises(ValueError, match="auto, ram or disk"):
+        store_module.StoreFactory("ssd", tmp_path, None, 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checkpoints: sharded, bf16
+def test_sharded_checkpoint_gives_the_same_output(sharded_model, model, text, root, tmp_path):
+    shards = sorted(sharded_model.glob("model-*.safetensors"))
+    assert len(shards) > SHARDS and (sharded_model / "model.safetensors.index.json").exists()
+    assert not (sharded_model / "model.safetensors").exists()
+    options = settings(text, root, correction="none")
+    prune(str(sharded_model), str(tmp_path / "from-shards"), **options)
+    prune(str(model), str(tmp_path / "from-single"), **options)
+    assert_same_checkpoint(tmp_path / "from-shards", tmp_path / "from-single")
+
+
+def test_bf16_stays_bf16_and_fp32_converts(root, text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    bf16 = save_tiny_model(tmp_path / "bf16", "llama", num_hidden_layers=BLOCKS, dtype=torch.bfloat16)
+    assert shard_dtypes(bf16) == {"BF16"}
+    options = settings(text, root, correction="masklora")
+
+    prune(str(bf16), str(tmp_path / "out-bf16"), **options)
+    assert shard_dtypes(tmp_path / "out-bf16") == {"BF16"}
+    assert config_dtype(tmp_path / "out-bf16") == "bfloat16"
+
+    prune(str(bf16), str(tmp_path / "out-fp32"), dtype="fp32", **{**options, "correction": "none"})
+    assert shard_dtypes(tmp_path / "out-fp32") == {"F32"}
+    assert config_dtype(tmp_path / "out-fp32") == "float32"
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out-bf16")
+    assert loaded.dtype == torch.bfloat16
+    weight = loaded.model.layers[0].mlp.down_proj.weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+# --------------------------------------------------------------------------------------------------
+# Broken input checkpoints
+def shard_holding(directory: Path, tensor: str) -> Path:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    return directory / index["weight_map"][tensor]
+
+
+@pytest.fixture
+def broken_copy(sharded_model, tmp_path):
+    copy = tmp_path / "broken-model"
+    shutil.copytree(sharded_model, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_damaged_shard_is_a_clear_error_and_the_run_resumes_once_repaired(
+        damage, sharded_model, broken_copy, text, root, tmp_path):
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = shard_holding(broken_copy, name)
+    data = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(data[:len(data) // 2])
+    else:  # the header's length field: garbage
+        shard.write_bytes(b"\xff" * 8 + data[8:])
+    out = tmp_path / "out"
+    options = settings(text, root, correction="none")
+    with pytest.raises(CheckpointError) as caught:
+        prune(str(broken_copy), str(out), **options)
+    message = str(caught.value)
+    assert shard.name in message and "re-download" in message
+    assert not out.exists()
+
+    # Repaired (re-downloaded): --resume continues from the blocks already written.
+    shutil.copyfile(shard_holding(sharded_model, name), shard)
+    prune(str(broken_copy), str(out), resume=True, **options)
+    prune(str(sharded_model), str(tmp_path / "intact"), **options)
+    assert_same_checkpoint(out, tmp_path / "intact")
+
+
+def test_missing_index_file_shard(broken_copy, text, root, tmp_path):
+    shard = shard_holding(broken_copy, "model.layers.2.self_attn.q_proj.weight")
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*missing.*re-download"):
+        prune(str(broken_copy), str(tmp_path / "out"), **settings(text, root, correction="none"))
+
+
+def test_tensor_missing_from_the_index_is_named(broken_copy, text, root, tmp_path):
+    name = "model.layers.2.mlp.up_proj.weight"
+    index_path = broken_copy / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = broken_copy / index["weight_map"].pop(name)
+    index_path.write_text(json.dumps(index))
+    with safe_open(str(shard), "pt") as handle:
+        kept = {key: handle.get_tensor(key) for key in handle.keys() if key != name}
+    save_file(kept, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="mlp.up_proj.weight.*missing"):
+        prune(str(broken_copy), str(tmp_path / "out"), **settings(text, root, correction="none"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensor_listed_but_absent_from_its_shard_is_named(broken_copy, text, root, tmp_path):
+    name = "model.layers.0.mlp.gate_proj.weight"
+    shard = shard_holding(broken_copy, name)
+    with safe_open(str(shard), "pt") as handle:
+        kept = {key: handle.get_tensor(key) for key in handle.keys() if key != name}
+    save_file(kept, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as caught:
+        prune(str(broken_copy), str(tmp_path / "out"), **settings(text, root, correction="none"))
+    assert name in str(caught.value) and shard.name in str(caught.value)
+
+
+def test_truncated_single_file_checkpoint(model, tmp_path):
+    copy = tmp_path / "single"
+    shutil.copytree(model, copy)
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[:len(data) // 3])
+    with pytest.raises(CheckpointError, match="model.safetensors.*re-download"):
+        CheckpointReader(copy)
+
+
+# --------------------------------------------------------------------------------------------------
+# A full output disk
+def enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_while_writing_a_shard_is_resumable(model, text, root, reference, monkeypatch, tmp_path):
+    failing = "model-00003-of-00004.safetensors"  # block 2's shard
+    original = writer_module.save_file
+
+    def save_file_until_full(tensors, filename, metadata=None):
+        if Path(filename).name.startswith(failing):
+            Path(filename).write_bytes(b"\0" * 100)  # a partly written file, as a full disk leaves
+            raise enospc()
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(writer_module, "save_file", save_file_until_full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError) as caught:
+        prune(str(model), str(out), **settings(text, root))
+    assert caught.value.errno == errno.ENOSPC
+    assert "no space left" in str(caught.value) and "--resume" in str(caught.value)
+    work = out.with_name("out.partial")
+    assert not out.exists()
+    assert json.loads((work / "state.json").read_text())["next_block"] == 2
+    assert not list(work.glob("*.tmp"))  # the partial shard was removed
+
+    monkeypatch.setattr(writer_module, "save_file", original)  # space freed
+    prune(str(model), str(out), resume=True, **settings(text, root))
+    assert not work.exists()
+    assert_same_checkpoint(out, reference)
+
+
+def fail_on(monkeypatch, function: str, filename: str):
+    """Make os.<function>(fd, ...) fail with ENOSPC for the file named `filename` (Linux: /proc)."""
+    original = getattr(os, function)
+
+    def full(fd, *args):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + filename):
+            raise enospc()
+        return original(fd, *args)
+
+    monkeypatch.setattr(os, function, full)
+    return original
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name a descriptor's file")
+def test_full_disk_while_saving_activations_is_resumable(model, text, root, reference, monkeypatch, tmp_path):
+    # RAM stores are saved for resuming as activations/*.bin; a full disk fails the fsync.
+    fsync = fail_on(monkeypatch, "fsync", "inputs-00002.bin.tmp")  # block 1's outputs
+    out = tmp_path / "out"
+    options = settings(text, root, offload_activations="ram")
+    with pytest.raises(OutputError, match="no space left.*inputs-00002.bin.*--resume") as caught:
+        prune(str(model), str(out), **options)
+    assert caught.value.errno == errno.ENOSPC
+    work = out.with_name("out.partial")
+    assert not out.exists() and not list(work.rglob("*.tmp"))
+    assert json.loads((work / "state.json").read_text())["next_block"] == 1
+
+    monkeypatch.setattr(os, "fsync", fsync)  # space freed
+    prune(str(model), str(out), resume=True, **options)
+    assert_same_checkpoint(out, reference)
+
+
+@pytest.mark.skipif(not (Path("/proc/self/fd").is_dir() and hasattr(os, "posix_fallocate")),
+                    reason="needs /proc and posix_fallocate")
+def test_full_disk_for_a_disk_store_is_an_error_not_a_crash(model, text, root, reference, monkeypatch,
+                                                             tmp_path):
+    """A memory-mapped store on a full disk would die of SIGBUS on its first write; its space is
+    reserved when it is created instead, so the run stops with OutputError and can resume."""
+    fallocate = fail_on(monkeypatch, "posix_fallocate", "targets-00002.bin")  # block 2's targets
+    out = tmp_path / "out"
+    options = settings(text, root, offload_activations="disk")
+    with pytest.raises(OutputError, match="no space left.*targets-00002.bin.*--resume"):
+        prune(str(model), str(out), **options)
+    work = out.with_name("out.partial")
+    assert not (work / "activations" / "targets-00002.bin").exists()
+    assert json.loads((work / "state.json").read_text())["next_block"] == 2
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)  # space freed
+    prune(str(model), str(out), resume=True, **options)
+    assert_same_checkpoint(out, reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: one block at a time, the head never loaded into the model
+def test_one_block_in_memory_and_head_never_materialised(model, text, root, monkeypatch, tmp_path):
+    config = RunConfig(model=str(model), out=str(tmp_path / "out"), **settings(text, root)).validate()
+    driver = driver_module.Driver(config)
+    reads: dict[str, int] = {}
+    saved: list[tuple[set[str], list[int], bool]] = []
+
+    original_get = CheckpointReader.get
+
+    def counting_get(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return original_get(self, name)
+
+    def materialised_blocks() -> list[int]:
+        return [i for i, block in enumerate(driver.adapter.blocks)
+                if any(not p.is_meta for p in block.parameters())]
+
+    def head_is_meta() -> bool:
+        return driver.adapter.model.get_output_embeddings().weight.is_meta
+
+    original_save = writer_module.RunDirectory.save_shard
+
+    def watching_save(self, name, tensors):
+        saved.append((set(tensors), materialised_blocks(), head_is_meta()))
+        return original_save(self, name, tensors)
+
+    original_load_embeddings = ModelAdapter.load_embeddings
+    embeddings_loaded = []
+
+    def watching_load_embeddings(self):
+        original_load_embeddings(self)
+        embeddings_loaded.append((head_is_meta(), materialised_blocks(),
+                                  not self.model.get_input_embeddings().weight.is_meta))
+
+    monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    monkeypatch.setattr(writer_module.RunDirectory, "save_shard", watching_save)
+    monkeypatch.setattr(ModelAdapter, "load_embeddings", watching_load_embeddings)
+    driver.run()
+
+    # Block 0's inputs were computed with the embeddings loaded and the head and every block on meta.
+    assert embeddings_loaded == [(True, [], True)]
+    # The non-block shard, then one shard per block, each written with only that block materialised.
+    non_block, *block_shards = saved
+    assert non_block[0] == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert non_block[1] == [] and non_block[2]
+    assert len(block_shards) == BLOCKS
+    for index, (names, materialised, head_meta) in enumerate(block_shards):
+        assert names and all(n.startswith(f"model.layers.{index}.") for n in names)
+        assert materialised == [index] and head_meta
+    # The head is read once, to be copied into the output, and never loaded into the model.
+    assert reads["lm_head.weight"] == 1
+    # After the run every parameter is back on the meta device.
+    assert all(p.is_meta for p in driver.adapter.model.parameters())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_heap_fragmentation_guard_is_set(monkeypatch):
+    """The driver fixes glibc's mmap threshold, so freed block tensors go back to the system."""
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    driver_module._limit_heap_fragmentation()
+    assert calls == [(-3, 128 * 1024)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's VmHWM")
+def test_reported_peak_is_the_runs_own_not_its_parents():
+    """getrusage's ru_maxrss survives fork+exec: a run started by a process larger than the run
+    would report its parent's size. The report uses the process's own high-water mark."""
+    import subprocess
+
+    ballast = bytearray(1 << 30)  # 1 GiB, made resident page by page
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    code = ("import resource; from reconstruct.driver import _peak_rss_bytes; "
+            "print(_peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del ballast
+    own, inherited = map(int, child.stdout.split())
+    assert own < (1 << 30) <= inherited
+
