@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import gc
 import importlib.util
 import json
@@ -586,6 +585,8 @@ def _reset_peak_memory() -> bool:
 @contextmanager
 def _exclusive(out: Path):
     """Hold DIR/.lock: two sweeps writing the same cells would corrupt each other's checkpoints."""
+    import fcntl  # POSIX only: imported here so that `reconstruct --help` works without it
+
     with open(out / ".lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
