@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import site
 import sys
@@ -77,15 +76,18 @@ def source_roots() -> list[Path]:
     return out
 
 
-def candidate_files(roots: list[Path]) -> list[tuple[str, Path]]:
-    """(package key, path) of every .py and doc file, in sorted order.
+def candidate_files(roots: list[Path]) -> list[tuple[str, str, Path]]:
+    """(name, package key, path) of every .py and doc file, in sorted order.
 
-    The key (top-level directory under its root) is what the per-package cap counts against.
+    The name ("stdlib/..." or "site-packages/...") does not depend on where Python is installed;
+    the key (top-level directory under its root) is what the per-package cap counts against.
     SKIP_DIRS contains "site-packages" so that walking the stdlib does not descend into it; the
     site-packages roots are walked on their own.
     """
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     files = []
     for root in roots:
+        label = "stdlib" if root == stdlib else root.name
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
             rel = Path(dirpath).relative_to(root)
@@ -95,7 +97,8 @@ def candidate_files(roots: list[Path]) -> list[tuple[str, Path]]:
                     continue
                 key = rel.parts[0] if rel.parts else name
                 key = re.sub(r"-[^-]*\.dist-info$", "", key)  # a package and its dist-info together
-                files.append((f"{root.name}/{key}", Path(dirpath) / name))
+                files.append((f"{label}/{(rel / name).as_posix()}", f"{label}/{key}",
+                              Path(dirpath) / name))
     return files
 
 
@@ -164,21 +167,27 @@ def _norm_key(text: str) -> str:
     return hashlib.sha1(" ".join(text.split()).lower().encode()).hexdigest()
 
 
+def _seeded_hash(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
+
+
 def collect_documents(max_chars: int, seed: int) -> list[str]:
     """Up to about max_chars of cleaned, deduplicated documents (one per source file).
 
-    Files are visited in a seeded shuffle of the sorted file list, so that a small cap still yields
-    a mix of packages rather than the alphabetically first ones, and the result is reproducible.
+    Files are visited in a seeded pseudo-random order, so that a small cap still yields a mix of
+    packages rather than the alphabetically first ones. Each file's place in that order is a hash
+    of the seed and its name alone, so installing or removing a package while (or between) runs
+    only adds or drops that package's documents instead of reshuffling everything.
     """
-    files = candidate_files(source_roots())
-    random.Random(seed).shuffle(files)
+    files = sorted(candidate_files(source_roots()), key=lambda f: _seeded_hash(seed, f[0]))
     per_package_cap = MAX_PACKAGE_SHARE * max_chars
     seen: set[str] = set()  # docstrings and documents already taken (vendored copies, templates)
     per_package: dict[str, int] = {}
     docs: list[str] = []
     total = 0
-    bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="collect text")
-    for key, path in files:
+    bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="collect text",
+               mininterval=1.0)
+    for _, key, path in files:
         if total >= max_chars:
             break
         if per_package.get(key, 0) >= per_package_cap:
@@ -212,13 +221,16 @@ def collect_documents(max_chars: int, seed: int) -> list[str]:
 
 
 def split_documents(docs: list[str], test_frac: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded split by document, so no held-out document has been seen in part during training."""
-    order = list(range(len(docs)))
-    random.Random(seed + 1).shuffle(order)
-    n_test = max(1, round(test_frac * len(docs)))
-    test_idx = set(order[:n_test])
-    train = [d for i, d in enumerate(docs) if i not in test_idx]
-    test = [d for i, d in enumerate(docs) if i in test_idx]
+    """Seeded split by document, so no held-out document has been seen in part during training.
+
+    A document is held out when a seeded hash of its text falls below test_frac, so its side of the
+    split does not depend on which other documents were collected.
+    """
+    def held_out(doc: str) -> bool:
+        return int(_seeded_hash(seed, doc)[:16], 16) < test_frac * 16 ** 16
+
+    train = [d for d in docs if not held_out(d)]
+    test = [d for d in docs if held_out(d)]
     return train, test
 
 
@@ -308,7 +320,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, batch_size: int) -> float:
 
 def unigram_perplexity(train_ids: torch.Tensor, test_ids: torch.Tensor, vocab_size: int,
                        seqlen: int) -> float:
-    """Perplexity of add-one-smoothed token frequencies, on the same positions the models predict."""
+    """Add-one-smoothed token frequencies, scored on the same positions as the models."""
     counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
     logp = (counts / counts.sum()).log()
     n = test_ids.numel() // seqlen
@@ -390,13 +402,16 @@ def parse_args(argv=None):
     g.add_argument("--intermediate-size", type=int, default=688, help="LLaMA SwiGLU width")
     g.add_argument("--ffn-dim", type=int, default=1024, help="OPT MLP width")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    g.add_argument("--steps", type=int, default=400, help="optimizer steps per model")
     g.add_argument("--batch-size", type=int, default=16, help="windows of seqlen tokens per step")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=30)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--eval-batch-size", type=int, default=16)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 1 or not 0 < args.test_frac < 1:
+        p.error("--steps must be at least 1 and --test-frac in (0, 1)")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -416,6 +431,8 @@ def main(argv=None) -> dict:
 
     docs = collect_documents(int(args.max_text_mb * 1e6), args.seed)
     train_docs, test_docs = split_documents(docs, args.test_frac, args.seed)
+    if not train_docs or not test_docs:
+        sys.exit(f"{len(docs)} documents are too few to split; raise --max-text-mb")
     train_text = "\n\n".join(train_docs) + "\n"
     test_text = "\n\n".join(test_docs) + "\n"
     (out / "train.txt").write_text(train_text, encoding="utf-8")
@@ -431,6 +448,9 @@ def main(argv=None) -> dict:
           f"{train_ids.numel()} tokens; test {len(test_docs)} docs / "
           f"{len(test_text) / 1e6:.2f} M chars / {test_ids.numel()} tokens "
           f"({test_ids.numel() // args.seqlen} windows of {args.seqlen})")
+    if test_ids.numel() < 2 * args.seqlen:
+        sys.exit(f"test.txt has {test_ids.numel()} tokens, too few for windows of {args.seqlen}; "
+                 "raise --max-text-mb or --test-frac")
     unigram = unigram_perplexity(train_ids, test_ids, vocab_size, args.seqlen)
     print(f"unigram baseline held-out ppl: {unigram:.2f}")
 
