@@ -167,7 +167,7 @@ def run_demo(args) -> int:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="reconstruct-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     model = save_tiny_model(root / "tiny-llama", "llama", hidden_size=64, intermediate_size=128)
-    text = write_sample_text(root / "sample.txt")
+    text = write_sample_text(root / "sample.txt", repeats=10)
     print(f"demo: tiny LLaMA in {model}, calibration text {text}")
     report = prune(str(model), str(root / "pruned"), method="wanda", sparsity=0.5, correction="masklora",
                    calib=str(text), nsamples=16, seqlen=64, steps=50, device="cpu", overwrite=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import platform
 import resource
 import sys
@@ -31,10 +32,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .api import RunConfig
 from .capture import call_block, catch_block0_inputs, catch_block_kwargs, kwargs_to, map_tensors
-from .corrections import make_correction
+from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
-from .corrections import CorrectionError, CorrectionOptions
 from .pruning import METHODS, PruningError
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
@@ -323,7 +323,6 @@ class Driver:
         filename = f"{name}.bin"
         if store.on_disk and store.path.name == filename:
             with open(store.path, "rb+") as handle:
-                import os
                 os.fsync(handle.fileno())
         else:
             store.save_to(self.run_dir.activations / filename)
