@@ -554,20 +554,27 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+# Allocations above this size get their own mapping and go back to the system when freed.
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+
+
 def _limit_heap_fragmentation() -> None:
     """Keep glibc from serving block-sized tensors from its heap, where freed memory stays resident.
 
     glibc raises its mmap threshold (up to 32 MiB) each time a large allocation is freed, after which
     weight-sized tensors come from the heap; a heap fragmented by a block's many tensors is rarely
     returned to the system, and resident memory then grows with every block (2.0 GiB instead of
-    0.8 GiB for a 1B model). Setting the threshold, to glibc's default 128 KiB, turns that off.
+    0.8 GiB for a 1B model). Fixing the threshold turns that off. At 4 MiB rather than glibc's
+    128 KiB default the peak is the same (0.77 GiB on the 1B benchmark) while small per-batch
+    tensors still come from the heap: mapping and zeroing each of them cost 6 s of system time in
+    a 20 s prune of the 8.5 M reference model (4 s at 4 MiB, 1 s without the fix but 0.9 GiB peak).
     """
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; a no-op outside glibc
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD; a no-op outside glibc
     except (OSError, AttributeError):
         pass
 
