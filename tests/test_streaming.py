@@ -417,7 +417,7 @@ def test_heap_fragmentation_guard_is_set(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     driver_module._limit_heap_fragmentation()
-    assert calls == [(-3, 128 * 1024)]
+    assert calls == [(-3, driver_module.MMAP_THRESHOLD_BYTES)]  # M_MMAP_THRESHOLD, fixed (not dynamic)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's VmHWM")
