@@ -121,5 +121,9 @@ def _broadcast_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 def call_block(block: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
     """Run one block standalone on a batch of hidden states; accept tensor or tuple outputs."""
     args, kwargs = map_tensors(call, lambda t: _broadcast_batch(t, hidden.shape[0]))
-    output = block(hidden, *args, **kwargs)
+    return first_output(block(hidden, *args, **kwargs))
+
+
+def first_output(output):
+    """The hidden states of a module's output, whether it returns a tensor or a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output

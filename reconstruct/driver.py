@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .api import RunConfig
-from .capture import call_block, catch_block0_inputs, catch_block_kwargs, kwargs_to, map_tensors
+from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
+                      map_tensors)
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
@@ -169,10 +170,6 @@ class _UnitCaught(Exception):
     pass
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 # --------------------------------------------------------------------------------------------------
 class Driver:
     """Holds one run's settings, model and stores; `run()` is the loop in the module docstring."""
@@ -278,7 +275,7 @@ class Driver:
         adapter = self.adapter
         total = adapter.num_blocks + 1
         rest_shard = self.run_dir.shard_name(adapter.num_blocks, total)
-        self.run_dir.save_shard(rest_shard, {name: _storage(adapter.checkpoint.get(name), adapter.storage_dtype)
+        self.run_dir.save_shard(rest_shard, {name: adapter.for_storage(adapter.checkpoint.get(name))
                                              for name in adapter.non_block_names()})
         adapter.load_embeddings()
         try:
@@ -376,7 +373,6 @@ class Driver:
 
         # 4. Re-run the repaired block: its outputs feed the next block.
         next_inputs = self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype)
-        linears = prunable_linears(block, config.layers)
         with LayerErrorMeter(linears, dense_weights) as meter:
             replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter)
 
@@ -425,12 +421,12 @@ class Driver:
 
                 def run(i, _name=unit_name, _caught=caught):
                     args, kwargs = kwargs_to(_caught[i], self.device)
-                    return _first(block.get_submodule(_name)(*args, **kwargs))  # the wrapped unit
+                    return first_output(block.get_submodule(_name)(*args, **kwargs))  # the wrapped unit
 
                 def target(i, _dense=dense_unit, _caught=caught):
                     args, kwargs = kwargs_to(_caught[i], self.device)
                     with torch.no_grad():
-                        return _first(_dense(*args, **kwargs))
+                        return first_output(_dense(*args, **kwargs))
 
                 train_ids = [w for w in train_windows if w in caught]
                 held_ids = [w for w in heldout_windows if w in caught]
@@ -534,10 +530,6 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
-
-
-def _storage(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
 
 
 def _peak_rss_bytes() -> int:

@@ -246,11 +246,16 @@ class ModelAdapter:
         """Return a module's parameters to the meta device, freeing their memory."""
         module.to("meta")
 
+    def for_storage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor as it is written out: floating point in the storage dtype, on the CPU, contiguous."""
+        tensor = tensor.detach().to("cpu")
+        return (tensor.to(self.storage_dtype) if tensor.is_floating_point() else tensor).contiguous()
+
     def module_tensors(self, module_name: str) -> dict[str, torch.Tensor]:
-        """A loaded module's tensors keyed by checkpoint name, in the storage dtype, contiguous."""
+        """A loaded module's tensors keyed by checkpoint name, as they are written out."""
         module = self.model.get_submodule(module_name)
-        return {self.checkpoint_name(f"{module_name}.{name}"): tensor.detach().to("cpu", self.storage_dtype)
-                .contiguous() for name, tensor in module.state_dict().items()}
+        return {self.checkpoint_name(f"{module_name}.{name}"): self.for_storage(tensor)
+                for name, tensor in module.state_dict().items()}
 
     def block_checkpoint_names(self) -> set[str]:
         names = set()

@@ -4,8 +4,7 @@ The merged layer is (W + s·BA) ⊙ M, which differs from the layer that was fit
 entries at pruned positions are thrown away. This is what MaskLoRA avoids.
 """
 from . import register
-from .masklora import MaskLoRALinear
-from .base import Correction, wrap_linears
+from .masklora import MaskLoRA, MaskLoRALinear
 
 
 class LoRAPruneLinear(MaskLoRALinear):
@@ -17,9 +16,8 @@ class LoRAPruneLinear(MaskLoRALinear):
 
 
 @register
-class LoRAPrune(Correction):
-    name = "lora-prune"
+class LoRAPrune(MaskLoRA):
+    """Attached like MaskLoRA (same factors and initialisation); only the wrapper differs."""
 
-    def attach(self, unit, masks, options, generator):
-        return wrap_linears(unit, masks, lambda linear, mask: LoRAPruneLinear(
-            linear, mask, options.rank, options.alpha, generator))
+    name = "lora-prune"
+    wrapper = LoRAPruneLinear

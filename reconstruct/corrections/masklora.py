@@ -21,7 +21,8 @@ class MaskLoRALinear(LinearWrapper):
 @register
 class MaskLoRA(Correction):
     name = "masklora"
+    wrapper = MaskLoRALinear
 
     def attach(self, unit, masks, options, generator):
-        return wrap_linears(unit, masks, lambda linear, mask: MaskLoRALinear(
+        return wrap_linears(unit, masks, lambda linear, mask: self.wrapper(
             linear, mask, options.rank, options.alpha, generator))
