@@ -121,16 +121,35 @@ def test_wanda_and_magnitude_masks_directly():
     x = torch.randn(100, 16, generator=g) * torch.linspace(0.1, 3, 16)
     stats = InputStatistics(16, "cpu", with_hessian=False)
     stats.add(x)
-    wanda = METHODS["wanda"].prune(weight, stats, 0.3, None)
+    wanda = METHODS["wanda"].prune(weight.clone(), stats, 0.3, None)
     assert ((wanda.weight == 0).sum(dim=1) == int(16 * 0.3)).all()
     scores = weight.abs() * x.pow(2).sum(0).sqrt()
     assert torch.equal(~wanda.mask, scores <= scores.kthvalue(int(16 * 0.3), dim=1, keepdim=True).values)
-    magnitude = METHODS["magnitude"].prune(weight, None, 0.3, None)
+    magnitude = METHODS["magnitude"].prune(weight.clone(), None, 0.3, None)
     threshold = weight.abs().flatten().kthvalue(int(weight.numel() * 0.3)).values
     assert torch.equal(~magnitude.mask, weight.abs() <= threshold)
     assert torch.equal(magnitude.weight, weight * magnitude.mask)
-    nm = METHODS["magnitude"].prune(weight, None, 0.5, NMPattern(2, 4))
+    nm = METHODS["magnitude"].prune(weight.clone(), None, 0.5, NMPattern(2, 4))
     assert ((nm.weight == 0).reshape(6, 4, 4).sum(dim=2) == 2).all()
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)], ids=["unstructured", "2of4"])
+def test_wanda_selects_the_same_in_row_chunks(pattern, monkeypatch):
+    """Wanda scores a few rows at a time (bounded scratch memory): the mask is the one made at once."""
+    from reconstruct.pruning import base
+
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(37, 64, generator=g).to(torch.bfloat16)
+    stats = InputStatistics(64, "cpu", with_hessian=False)
+    stats.add(torch.randn(50, 64, generator=g) * torch.linspace(0.1, 3, 64))
+    whole = base.row_mask(weight.abs().float() * stats.column_norms[None, :], 0.5, pattern)
+    monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 5 * 64)  # 8 chunks, the last one short
+    assert len(base.row_chunks(weight)) == 8
+    pruned = weight.clone()
+    result = METHODS["wanda"].prune(pruned, stats, 0.5, pattern)
+    assert torch.equal(result.mask, whole)
+    assert result.weight is pruned and result.weight.dtype == torch.bfloat16  # pruned in place
+    assert torch.equal(result.weight, weight * whole)
 
 
 @pytest.mark.parametrize("text", ["4:2", "2-4", "0:4", "2:2", "a:b", "2:4:8"])

@@ -1,6 +1,7 @@
 """The interface every pruning method implements, and the mask-selection helpers they share.
 
-Masks are boolean with True = weight kept (the convention of MaskLoRA's M).
+Masks are boolean with True = weight kept (the convention of MaskLoRA's M). Methods prune the weight
+they are given in place where they can: the engine never holds a second copy of a block's weights.
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ class NMPattern:
                                f"of {self.m}; choose an M that divides it or prune without --pattern")
 
 
+ROW_CHUNK_ELEMENTS = 2**18  # scores are computed for about this many weights at a time
+
+
 @dataclass
 class PruneResult:
-    mask: torch.Tensor    # bool [out, in], True = kept
-    weight: torch.Tensor  # the pruned weight (zeros exactly where mask is False; SparseGPT also updates)
+    mask: torch.Tensor | None  # bool [out, in], True = kept; None when the caller asked for none
+    weight: torch.Tensor       # the pruned weight (zero exactly where mask is False; SparseGPT updates it)
 
 
 class PruningMethod:
@@ -58,8 +62,10 @@ class PruningMethod:
     needs_hessian: bool = False  # SparseGPT needs H = 2XXᵀ/N; the others only column norms
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
-              pattern: NMPattern | None, layer: str = "") -> PruneResult:
-        """Choose the surviving weights of `weight` [out, in]; `layer` names it in messages."""
+              pattern: NMPattern | None, layer: str = "", return_mask: bool = True) -> PruneResult:
+        """Choose the surviving weights of `weight` [out, in]; `layer` names it in messages. The
+        returned weight may be `weight` itself, pruned in place. Without a correction the engine
+        needs no mask (`return_mask=False`), and a method may then avoid building a whole one."""
         raise NotImplementedError
 
 
@@ -92,3 +98,19 @@ def lowest_per_group(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
 
 def row_mask(scores: torch.Tensor, sparsity: float, pattern: NMPattern | None) -> torch.Tensor:
     return lowest_per_group(scores, pattern) if pattern else lowest_per_row(scores, sparsity)
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero `weight` where `mask` is False, in place and a chunk of rows at a time (multiplying by
+    the whole mask would first convert it to the weight's dtype: a temporary the weight's size)."""
+    for rows in row_chunks(weight):
+        weight[rows].masked_fill_(~mask[rows], 0)
+    return weight
+
+
+def row_chunks(weight: torch.Tensor) -> list[slice]:
+    """Slices of whole rows of about `elements` weights each. Per-row selections (Wanda, N:M) are
+    made a chunk at a time, so their fp32 scores, top-k values and int64 indices, several times the
+    weight's own size if made at once, stay a few MB."""
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return [slice(start, start + step) for start in range(0, weight.shape[0], step)]

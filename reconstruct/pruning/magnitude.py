@@ -1,13 +1,13 @@
 """Magnitude pruning: remove the smallest |W|, one threshold per matrix (per group for N:M)."""
 from . import register
-from .base import PruneResult, PruningMethod, lowest_per_group, lowest_per_matrix
+from .base import PruneResult, PruningMethod, apply_mask, lowest_per_group, lowest_per_matrix
 
 
 @register
 class Magnitude(PruningMethod):
     name = "magnitude"
 
-    def prune(self, weight, stats, sparsity, pattern, layer=""):
+    def prune(self, weight, stats, sparsity, pattern, layer="", return_mask=True):
         scores = weight.abs().float()
         mask = lowest_per_group(scores, pattern) if pattern else lowest_per_matrix(scores, sparsity)
-        return PruneResult(mask, weight * mask)
+        return PruneResult(mask if return_mask else None, apply_mask(weight, mask))

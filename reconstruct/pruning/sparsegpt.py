@@ -43,7 +43,7 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     needs_hessian = True
 
-    def prune(self, weight, stats, sparsity, pattern, layer: str = ""):
+    def prune(self, weight, stats, sparsity, pattern, layer: str = "", return_mask: bool = True):
         W = weight.float().clone()
         H = stats.hessian.to(W.device).clone()
         if not torch.isfinite(H).all():
@@ -82,4 +82,4 @@ class SparseGPT(PruningMethod):
             W[:, end:] -= errors @ Hinv[start:end, end:]
             mask[:, start:end] = ~pruned
         W[~mask] = 0  # exact zeros (the updates above never touch pruned entries again, but be sure)
-        return PruneResult(mask, W.to(weight.dtype))
+        return PruneResult(mask if return_mask else None, W.to(weight.dtype))

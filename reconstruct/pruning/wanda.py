@@ -2,15 +2,22 @@
 
 No weight update. With N:M, the M−N lowest of every M consecutive inputs in a row.
 """
+import torch
+
 from . import register
-from .base import PruneResult, PruningMethod, row_mask
+from .base import PruneResult, PruningMethod, row_chunks, row_mask
 
 
 @register
 class Wanda(PruningMethod):
     name = "wanda"
 
-    def prune(self, weight, stats, sparsity, pattern, layer=""):
-        scores = weight.abs().float() * stats.column_norms.to(weight.device)[None, :]
-        mask = row_mask(scores, sparsity, pattern)
-        return PruneResult(mask, weight * mask)
+    def prune(self, weight, stats, sparsity, pattern, layer="", return_mask=True):
+        norms = stats.column_norms.to(weight.device)[None, :]
+        mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device) if return_mask else None
+        for rows in row_chunks(weight):  # rows are independent: score, select and prune a few at a time
+            kept = row_mask(weight[rows].abs().float() * norms, sparsity, pattern)
+            weight[rows].masked_fill_(~kept, 0)
+            if mask is not None:
+                mask[rows] = kept
+        return PruneResult(mask, weight)
