@@ -6,8 +6,12 @@ object in memory, so sharing it matters.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+
+TOKEN_CHUNK_ELEMENTS = 2**20  # inputs are converted to fp32 about this many values at a time
 
 
 class InputStatistics:
@@ -20,11 +24,15 @@ class InputStatistics:
                             if with_hessian else None)
 
     def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.tokens += x.shape[0]
-        self.squared_norms += (x * x).sum(dim=0)
-        if self.hessian_sum is not None:
-            self.hessian_sum.addmm_(x.T, x)
+        tokens = inputs.reshape(-1, inputs.shape[-1])
+        self.tokens += tokens.shape[0]
+        # A few tokens at a time: the fp32 copy of a whole batch of MLP inputs would be tens of MB.
+        step = max(1, TOKEN_CHUNK_ELEMENTS // tokens.shape[1])
+        for start in range(0, tokens.shape[0], step):
+            x = tokens[start:start + step].to(torch.float32, copy=True)  # a copy: squared in place below
+            if self.hessian_sum is not None:
+                self.hessian_sum.addmm_(x.T, x)
+            self.squared_norms += x.square_().sum(dim=0)
 
     @property
     def column_norms(self) -> torch.Tensor:
@@ -46,7 +54,7 @@ class StatisticsCollector:
         self.linears = linears
         self.with_hessian = with_hessian
         self.stats: dict[str, InputStatistics] = {}
-        self._inputs_this_pass: list[tuple[torch.Tensor, InputStatistics]] = []
+        self._inputs_this_pass: list[tuple[weakref.ref, InputStatistics]] = []
         self._handles = []
 
     def __enter__(self):
@@ -67,15 +75,16 @@ class StatisticsCollector:
         def hook(module: nn.Linear, args):
             x = args[0]
             # The same tensor object fed to several linears: add it once, share the accumulator.
-            # Identity (not address) comparison, and we hold a reference until end_pass, because a
-            # freed tensor's memory can be reused by a different input of the same shape.
+            # Identity through a weak reference, not the address: a freed tensor's memory (and id)
+            # can be reused by a different input of the same shape, but its weak reference is dead.
+            # Holding strong references instead would keep a whole batch's MLP inputs alive.
             for seen, stats in self._inputs_this_pass:
-                if seen is x:
+                if seen() is x:
                     self.stats.setdefault(name, stats)
                     return
             stats = self.stats.get(name)
             if stats is None:
                 stats = self.stats[name] = InputStatistics(module.in_features, x.device, self.with_hessian)
             stats.add(x.detach())
-            self._inputs_this_pass.append((x, stats))
+            self._inputs_this_pass.append((weakref.ref(x), stats))
         return hook
