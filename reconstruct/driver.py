@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first
                       map_tensors)
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
+from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
 from .pruning import METHODS, PruningError
 from .stats import StatisticsCollector
@@ -58,19 +58,24 @@ class RunResult:
 # --------------------------------------------------------------------------------------------------
 # One block's steps
 def observe(block, inputs: ActivationStore, call, linears, needs_hessian: bool, batch_size: int,
-            device, dense_out: ActivationStore):
-    """Run the dense block on `inputs`: fill `dense_out` and return each linear's input statistics."""
+            device, dense_out: ActivationStore | None):
+    """Run the dense block on `inputs`: return each linear's input statistics, and fill `dense_out`
+    (the targets of a correction) unless it is None."""
     with StatisticsCollector(linears, needs_hessian) as collector, torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
-            dense_out[window] = call_block(block, inputs[window].to(device), call)
+            outputs = call_block(block, inputs[window].to(device), call)
+            if dense_out is not None:
+                dense_out[window] = outputs
+            del outputs
             collector.end_pass()
     return collector.stats
 
 
 def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsity: float, pattern,
-                  block_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Prune each linear in place; return the keep-masks and a note for any layer handled specially."""
+                  block_name: str, keep_masks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Prune each linear in place; return the keep-masks (only if `keep_masks`: a correction needs
+    them, and they are half a bf16 block's size) and a note for any layer handled specially."""
     masks, notes = {}, {}
     for name, linear in linears.items():
         layer_stats = stats.get(name)
@@ -79,17 +84,24 @@ def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsi
             # A mixture-of-experts expert that no calibration token was routed to has no statistics.
             method = METHODS["magnitude"]
             notes[name] = "no calibration tokens reached this layer: pruned by magnitude"
-        result = method.prune(linear.weight.data, layer_stats, sparsity, pattern, layer=f"{block_name}.{name}")
+        result = method.prune(linear.weight.data, layer_stats, sparsity, pattern, layer=f"{block_name}.{name}",
+                              return_mask=keep_masks)
         linear.weight.data = result.weight.to(linear.weight.dtype)
-        masks[name] = result.mask
+        if keep_masks:
+            masks[name] = result.mask
+        del result
     return masks, notes
 
 
 class LayerErrorMeter:
-    """Forward hooks measuring each linear's relative output error against its dense weights."""
+    """Forward hooks measuring each linear's relative output error against its dense weights.
 
-    def __init__(self, linears: dict[str, nn.Linear], dense_weights: dict[str, torch.Tensor]):
-        self.linears, self.dense_weights = linears, dense_weights
+    `dense_rows(name)` yields (rows, dense weight of those rows) pieces: the dense weights are read
+    back from the checkpoint a few MB at a time rather than kept as a copy of the whole block.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], dense_rows):
+        self.linears, self.dense_rows = linears, dense_rows
         self.error = dict.fromkeys(linears, 0.0)
         self.reference = dict.fromkeys(linears, 0.0)
         self.measuring = True
@@ -109,10 +121,12 @@ class LayerErrorMeter:
             if not self.measuring:
                 return
             # One matmul with the weight change gives the output change: X·(W_dense − W)ᵀ.
-            change = nn.functional.linear(args[0], (self.dense_weights[name] - module.weight).to(args[0].dtype))
-            dense = output.float() + change.float()
-            self.error[name] += float(change.float().pow(2).sum())
-            self.reference[name] += float(dense.pow(2).sum())
+            x = args[0]
+            for rows, dense_weight in self.dense_rows(name):
+                change = nn.functional.linear(x, (dense_weight.to(module.weight.device) - module.weight[rows])
+                                              .to(x.dtype)).float()
+                self.error[name] += float(change.pow(2).sum())
+                self.reference[name] += float((output[..., rows].float() + change).pow(2).sum())
         return hook
 
     def relative(self, name: str) -> float:
@@ -192,7 +206,7 @@ class Driver:
         self.adapter: ModelAdapter = open_model(self.config.model, self.config.torch_dtype)
         self.check_layers_against_model()
         self.check_correction_against_model()
-        self.tokenizer = self.load_tokenizer()
+        return_freed_memory()  # what building the skeleton left free: before the first block's peak
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -231,21 +245,25 @@ class Driver:
                     self.pattern.check_divides(linear.in_features, f"{self.adapter.block_name(index)}.{name}")
 
     def calibration_windows(self) -> torch.Tensor:
+        """The calibration token windows. The tokenizer is loaded for this only (a resumed run does
+        not need it) and dropped afterwards: a large vocabulary's tokenizer is tens of MB."""
         import calib
 
-        return calib.calibration_windows(self.config.calib, self.tokenizer, self.config.nsamples,
+        tokenizer = self.load_tokenizer()
+        return calib.calibration_windows(self.config.calib, tokenizer, self.config.nsamples,
                                          self.config.seqlen, seed=self.config.seed,
                                          text_field=self.config.text_field, cache_dir=self.config.cache_dir)
 
     def store_factory(self) -> StoreFactory:
-        streams = 3 if self.config.target == "sparse-inputs" else 5
+        # inputs and outputs; a correction's targets; the dense model's own activations (in and out)
+        streams = 2 + (self.correction is not None) + (2 if self.config.target != "sparse-inputs" else 0)
         budget = (int(self.config.activation_budget_gb * 2**30) if self.config.activation_budget_gb
-                  else _default_activation_budget())
+                  else default_activation_budget())
         return StoreFactory(self.config.offload_activations, self.run_dir.activations, budget, streams)
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        _limit_heap_fragmentation()
+        limit_heap_fragmentation()
         self.open()
         windows = None
         self.run_dir = RunDirectory(Path(self.config.out))
@@ -275,7 +293,7 @@ class Driver:
         adapter = self.adapter
         total = adapter.num_blocks + 1
         rest_shard = self.run_dir.shard_name(adapter.num_blocks, total)
-        self.run_dir.save_shard(rest_shard, {name: adapter.for_storage(adapter.checkpoint.get(name))
+        self.run_dir.save_shard(rest_shard, {name: adapter.streamed_copy(name)
                                              for name in adapter.non_block_names()})
         adapter.load_embeddings()
         try:
@@ -309,9 +327,10 @@ class Driver:
         return state
 
     def open_inputs(self, state):
+        """The next block's saved inputs (and the dense model's, for --target dense/none)."""
         shape, dtype = tuple(state["shape"]), getattr(torch, state["dtype"])
-        inputs = ActivationStore.open(self.run_dir.activations / state["inputs"], shape, dtype)
-        dense = (ActivationStore.open(self.run_dir.activations / state["dense_inputs"], shape, dtype)
+        inputs = self.stores.open(self.run_dir.activations / state["inputs"], shape, dtype)
+        dense = (self.stores.open(self.run_dir.activations / state["dense_inputs"], shape, dtype)
                  if state["dense_inputs"] else None)
         return inputs, dense
 
@@ -339,6 +358,7 @@ class Driver:
                             self.batch_size)
                 self.adapter.release(self.adapter.blocks[index])
                 torch.cuda.empty_cache()
+                inputs, dense_inputs = self.open_inputs(state)  # RAM inputs may be half overwritten
 
     def _process_block(self, index, inputs, dense_inputs, state):
         adapter, config, started = self.adapter, self.config, time.perf_counter()
@@ -350,7 +370,8 @@ class Driver:
 
         # 1. Run the dense block: statistics of every linear's inputs, and the dense outputs (targets).
         fit_inputs = dense_inputs if config.target == "none" else inputs
-        targets = self.stores.create(f"targets-{index:05d}", shape, inputs.dtype)
+        needs_targets = self.correction is not None or dense_inputs is not None
+        targets = self.stores.create(f"targets-{index:05d}", shape, inputs.dtype) if needs_targets else None
         stats = observe(block, fit_inputs, call, linears, self.method.needs_hessian, self.batch_size,
                         self.device, targets)
         if config.target == "dense":
@@ -359,21 +380,27 @@ class Driver:
         if dense_inputs is not None:  # the dense model's own activations go on to the next block
             next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)
             next_dense[:] = targets[:]
-        dense_weights = {n: l.weight.detach().clone() for n, l in linears.items()}
         dense_block = copy.deepcopy(block) if config.granularity != "block" and self.correction else None
+        return_freed_memory()  # the forward pass's small freed tensors, before pruning's peak
 
         # 2. Prune every linear of the block.
-        masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name)
+        masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name,
+                                     keep_masks=self.correction is not None)
         del stats
+        return_freed_memory()
 
         # 3. Fit the correction towards the dense outputs, merge it (or revert it if worse).
         fit_reports = []
         if self.correction is not None:
             fit_reports = self.correct(index, block, dense_block, masks, fit_inputs, targets, call)
 
-        # 4. Re-run the repaired block: its outputs feed the next block.
-        next_inputs = self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype)
-        with LayerErrorMeter(linears, dense_weights) as meter:
+        # 4. Re-run the repaired block: its outputs feed the next block. Inputs held in RAM are
+        #    overwritten window by window, saving a store's memory: their durable copy is the file
+        #    written after the previous block. Inputs on disk are that file, the resume point, and
+        #    are left untouched.
+        next_inputs = (inputs if not inputs.on_disk
+                       else self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype))
+        with LayerErrorMeter(linears, lambda linear: adapter.dense_rows(f"{name}.{linear}")) as meter:
             replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter)
 
         # 5. Write the block, record the resume point, free everything of this block.
@@ -390,7 +417,9 @@ class Driver:
         for filename in (old_inputs, old_dense):
             if filename:
                 (self.run_dir.activations / filename).unlink(missing_ok=True)
-        targets.delete()
+        if targets is not None:
+            targets.delete()
+        return_freed_memory()
         return next_inputs, next_dense
 
     def correct(self, index, block, dense_block, masks, fit_inputs, targets, call) -> list[FitReport]:
@@ -449,7 +478,7 @@ class Driver:
             weight = linear.weight.detach()
             entries.append({"block": index, "name": f"{self.adapter.block_name(index)}.{name}",
                             "shape": list(weight.shape),
-                            "sparsity": float((weight == 0).float().mean()),
+                            "sparsity": 1 - int(weight.count_nonzero()) / weight.numel(),
                             "rel_error": meter.relative(name), **({"note": notes[name]} if name in notes else {})})
         return entries
 
@@ -485,7 +514,7 @@ class Driver:
             "command": " ".join(sys.argv),
             "versions": _versions(),
             "totals": {"wall_time_s": round(time.perf_counter() - self.started, 3),
-                       "peak_host_rss_bytes": _peak_rss_bytes(), "peak_device_bytes": peak_device,
+                       "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,
                        "pruned_sparsity": zeros / total if total else 0.0,
                        "reverted_blocks": [b["index"] for b in state["blocks"] if b.get("merged") is False]},
             "layers": layers,
@@ -530,51 +559,6 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory: Linux's VmHWM where there is one, not ru_maxrss, which a
-    process started by fork and exec inherits from its parent (a run launched by a process holding
-    several GB would report those)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-# Allocations above this size get their own mapping and go back to the system when freed.
-MMAP_THRESHOLD_BYTES = 4 * 2**20
-
-
-def _limit_heap_fragmentation() -> None:
-    """Keep glibc from serving block-sized tensors from its heap, where freed memory stays resident.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large allocation is freed, after which
-    weight-sized tensors come from the heap; a heap fragmented by a block's many tensors is rarely
-    returned to the system, and resident memory then grows with every block (2.0 GiB instead of
-    0.8 GiB for a 1B model). Fixing the threshold turns that off. At 4 MiB rather than glibc's
-    128 KiB default the peak is the same (0.77 GiB on the 1B benchmark) while small per-batch
-    tensors still come from the heap: mapping and zeroing each of them cost 6 s of system time in
-    a 20 s prune of the 8.5 M reference model (4 s at 4 MiB, 1 s without the fix but 0.9 GiB peak).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD; a no-op outside glibc
-    except (OSError, AttributeError):
-        pass
-
-
-def _default_activation_budget() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available * 0.5)
 
 
 def _versions() -> dict:

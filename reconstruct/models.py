@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .writer import SAFETENSORS_DTYPES, StreamedTensor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ FAMILY_HINTS: dict[str, list[tuple[str, str]]] = {
 }
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+READ_CHUNK_BYTES = 16 * 2**20  # large tensors are copied and compared in pieces of about this size
+SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 TOKENIZER_AND_CONFIG_PATTERNS = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
 
 
@@ -102,14 +108,41 @@ class CheckpointReader:
         return name in self.file_of
 
     def dtype(self) -> torch.dtype:
-        """The storage dtype of the checkpoint's first floating-point tensor."""
+        """The storage dtype of the checkpoint's first floating-point tensor (read from the header)."""
         for name in self.file_of:
-            tensor = self.get(name)
-            if tensor.is_floating_point():
-                return tensor.dtype
+            dtype, _ = self.info(name)
+            if dtype.is_floating_point:
+                return dtype
         return torch.float32
 
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A tensor's dtype and shape, from its shard's header (no data is read)."""
+        with self._open(name) as handle:
+            piece = handle.get_slice(name)
+            return SAFETENSORS_TO_TORCH[piece.get_dtype()], tuple(piece.get_shape())
+
     def get(self, name: str) -> torch.Tensor:
+        """The whole tensor. Pages of the memory-mapped shard are read when touched, so a large
+        embedding matrix costs only the rows a forward pass looks up."""
+        with self._open(name) as handle:
+            return self._read(name, lambda: handle.get_tensor(name))
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the tensor (its first dimension): a bounded read of a large tensor."""
+        with self._open(name) as handle:
+            return self._read(name, lambda: handle.get_slice(name)[start:stop])
+
+    def row_chunks(self, name: str, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+        """(start, stop) row ranges of at most about `chunk_bytes` (default READ_CHUNK_BYTES) each, one
+        row at least, covering a tensor of one dimension or more."""
+        chunk_bytes = chunk_bytes or READ_CHUNK_BYTES
+        dtype, shape = self.info(name)
+        row_bytes = max(1, dtype.itemsize * math.prod(shape[1:]))
+        step = max(1, chunk_bytes // row_bytes)
+        return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+    @contextmanager
+    def _open(self, name: str):
         from safetensors import safe_open
 
         if name not in self.file_of:
@@ -117,13 +150,24 @@ class CheckpointReader:
                                   "the shards are incomplete or belong to another model")
         shard = self.directory / self.file_of[name]
         try:
-            with safe_open(str(shard), "pt", device="cpu") as handle:
-                return handle.get_tensor(name)
+            handle = safe_open(str(shard), "pt", device="cpu")
         except FileNotFoundError as error:
             raise CheckpointError(f"shard {shard} listed in the index is missing; re-download it") from error
         except Exception as error:
-            raise CheckpointError(f"cannot read {name!r} from {shard}: the file is truncated or "
-                                  f"corrupted ({error}); re-download or re-save it") from error
+            raise self._damaged(name, shard, error) from error
+        with handle:
+            yield handle
+
+    def _read(self, name: str, read):
+        try:
+            return read()
+        except Exception as error:
+            raise self._damaged(name, self.directory / self.file_of[name], error) from error
+
+    @staticmethod
+    def _damaged(name: str, shard: Path, error: Exception) -> CheckpointError:
+        return CheckpointError(f"cannot read {name!r} from {shard}: the file is truncated or "
+                               f"corrupted ({error}); re-download or re-save it")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +294,25 @@ class ModelAdapter:
         """A tensor as it is written out: floating point in the storage dtype, on the CPU, contiguous."""
         tensor = tensor.detach().to("cpu")
         return (tensor.to(self.storage_dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+    def streamed_copy(self, name: str) -> "torch.Tensor | StreamedTensor":
+        """A checkpoint tensor as it is written out, read and converted a chunk of rows at a time."""
+        dtype, shape = self.checkpoint.info(name)
+        if not shape:
+            return self.for_storage(self.checkpoint.get(name))
+        out_dtype = self.storage_dtype if dtype.is_floating_point else dtype
+
+        def chunks():
+            for start, stop in self.checkpoint.row_chunks(name):
+                yield self.for_storage(self.checkpoint.get_rows(name, start, stop))
+        return StreamedTensor(out_dtype, shape, chunks)
+
+    def dense_rows(self, module_name: str, parameter: str = "weight", chunk_bytes: int = 2**20):
+        """(rows, values) pieces of a loaded module's parameter as the checkpoint holds it (in the run's
+        dtype): the dense weights, read back after pruning instead of kept as a copy."""
+        name = self.checkpoint_name(f"{module_name}.{parameter}")
+        for start, stop in self.checkpoint.row_chunks(name, chunk_bytes):
+            yield slice(start, stop), self.checkpoint.get_rows(name, start, stop).to(self.storage_dtype)
 
     def module_tensors(self, module_name: str) -> dict[str, torch.Tensor]:
         """A loaded module's tensors keyed by checkpoint name, as they are written out."""

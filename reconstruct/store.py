@@ -40,6 +40,21 @@ class ActivationStore:
         store.data = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         return store
 
+    @classmethod
+    def load(cls, path: Path, shape, dtype) -> "ActivationStore":
+        """Read an existing store file into RAM (the file is left as it is)."""
+        store = cls(shape, dtype)
+        try:
+            with open(path, "rb") as handle:
+                for window in range(len(store)):  # straight into the store: no second copy
+                    view = store.data[window].view(torch.uint8).numpy()
+                    if handle.readinto(memoryview(view).cast("B")) != view.nbytes:
+                        raise ValueError("file shorter than the store")
+        except (OSError, ValueError) as error:
+            raise OSError(f"cannot read the saved activations {path} ({error}); rerun without --resume "
+                          "to start over") from error
+        return store
+
     @property
     def on_disk(self) -> bool:
         return self.path is not None
@@ -126,3 +141,11 @@ class StoreFactory:
     def create(self, name: str, shape, dtype) -> ActivationStore:
         where = self.choose(shape, dtype)
         return ActivationStore(shape, dtype, self.directory / f"{name}.bin" if where == "disk" else None)
+
+    def open(self, path: Path, shape, dtype) -> ActivationStore:
+        """A saved store (a resume point): read into RAM, or mapped from its file, by the same rule
+        as new stores. Only a RAM copy may be overwritten (the driver writes a block's outputs over
+        its inputs when they are in RAM)."""
+        if self.choose(shape, dtype) == "ram":
+            return ActivationStore.load(path, shape, dtype)
+        return ActivationStore.open(path, shape, dtype)

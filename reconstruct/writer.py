@@ -12,10 +12,12 @@ import errno
 import json
 import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
@@ -40,6 +42,60 @@ def _atomic(path: Path, write) -> None:
                               "free some space and rerun the same command with --resume: the blocks "
                               "already finished are kept") from error
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Safetensors, written tensor by tensor and chunk by chunk
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
+
+
+@dataclass
+class StreamedTensor:
+    """A tensor written in chunks along its first dimension, never whole in memory (embeddings and
+    heads of large-vocabulary models are hundreds of MB to GBs)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterator[torch.Tensor]]  # contiguous pieces, in order, together the tensor
+
+
+def write_safetensors(path: Path, tensors: dict[str, "torch.Tensor | StreamedTensor"]) -> None:
+    """Write a safetensors file (the format's header, then each tensor's bytes in the header's order).
+
+    safetensors' own `save_file` needs every tensor whole in memory at once; this writer needs one
+    chunk at a time. The file is an ordinary safetensors file (8-byte header length, JSON header
+    padded to 8 bytes, contiguous little-endian data with no gaps).
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot write {name!r}: dtype {tensor.dtype} has no safetensors code")
+        size = _numel(tensor.shape) * tensor.dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name, tensor in tensors.items():
+            pieces = tensor.chunks() if isinstance(tensor, StreamedTensor) else [tensor]
+            written = 0
+            for piece in pieces:
+                if piece.dtype != tensor.dtype or piece.device.type != "cpu":
+                    raise TypeError(f"chunk of {name!r} is {piece.dtype} on {piece.device}, "
+                                    f"expected {tensor.dtype} on cpu")
+                raw = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+                handle.write(memoryview(raw))
+                written += raw.nbytes
+            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if written != expected:
+                raise ValueError(f"{name!r}: wrote {written} bytes, its shape and dtype need {expected}")
 
 
 def write_json(path: Path, data) -> None:
@@ -75,8 +131,8 @@ class RunDirectory:
     def shard_name(index: int, total: int) -> str:
         return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
-    def save_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        _atomic(self.work / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    def save_shard(self, name: str, tensors: dict[str, "torch.Tensor | StreamedTensor"]) -> None:
+        _atomic(self.work / name, lambda p: write_safetensors(p, tensors))
 
     def load_state(self) -> dict:
         return json.loads((self.work / "state.json").read_text())

@@ -11,12 +11,13 @@
    vocabulary (a padded vocabulary, as many checkpoints have). The model keeps the realistic 32000
    rows so that embeddings and head, which the engine treats specially, have their real size.
 2. Prunes it with Wanda at 50 % (16 calibration windows of 128 tokens, correction none) in a child
-   process `python -m reconstruct prune ...`, sampling the child's resident memory with psutil every
-   20 ms; with --masklora-steps N > 0 also a second run with a MaskLoRA correction fitted N steps.
+   process `python -m reconstruct prune ...`, once per --batch-sizes value (default 1 and 8),
+   sampling the child's resident memory with psutil every 20 ms; with --masklora-steps N > 0 also
+   a run with a MaskLoRA correction fitted N steps.
 3. Prints, per run: wall time, peak RSS (sampled, and the child's own high-water mark from
    report.json), the checkpoint's size and the ratio peak RSS / checkpoint size (target <= 0.30),
-   and the peak resident memory of a process that only imports the engine (torch + transformers),
-   which no run can go below. Results are also written to WORKDIR/results-MODEL.json.
+   and the peak resident memory of a process that only imports the engine and builds the model's
+   weightless skeleton (torch, transformers and its model code), which no run can go below. Results are also written to WORKDIR/results-MODEL.json.
 
 Memory does not grow with depth (one block at a time), so the peak of a wide model can be measured
 on a few of its blocks: `--layers 4 --full-layers 16` measures 4 blocks and also states the ratio
@@ -157,17 +158,21 @@ def measure(command: list[str], log_path: Path) -> dict:
     return {"wall_s": round(wall, 1), "peak_rss_sampled": sampler.peak, "series": sampler.series}
 
 
-def baseline_rss() -> int:
-    """Resident memory of a process that has imported the engine and nothing else."""
-    code = "import reconstruct.driver, reconstruct.cli; print(reconstruct.driver._peak_rss_bytes())"
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+def baseline_rss(model: Path) -> int:
+    """Peak resident memory of a process that imports the engine and builds the model's weightless
+    skeleton (torch, transformers and the model's code): the floor under any run, whatever it prunes."""
+    code = ("import sys, reconstruct.driver, reconstruct.cli; from reconstruct.models import open_model; "
+            "open_model(sys.argv[1]); print(reconstruct.memory.peak_rss_bytes())")
+    return int(subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True,
+                              check=True).stdout)
 
 
-def prune_command(model: Path, out: Path, calib: Path, cache: Path, args, correction: str, steps: int):
+def prune_command(model: Path, out: Path, calib: Path, cache: Path, args, correction: str, steps: int,
+                  batch_size: int):
     return [sys.executable, "-m", "reconstruct", "prune", str(model), "--out", str(out),
             "--method", "wanda", "--sparsity", "0.5", "--correction", correction, "--steps", str(steps),
             "--calib", str(calib), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-            "--device", "cpu", "--overwrite", "--cache-dir", str(cache)]
+            "--batch-size", str(batch_size), "--device", "cpu", "--overwrite", "--cache-dir", str(cache)]
 
 
 def main(argv=None) -> int:
@@ -175,6 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/reconstruct-bench", help="model cache and outputs")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--batch-sizes", default="1,8",
+                        help="comma-separated --batch-size values, one Wanda run each (8 is the default of "
+                        "`reconstruct prune`; 1 holds one window's activations at a time)")
     parser.add_argument("--masklora-steps", type=int, default=0,
                         help="also run with a MaskLoRA correction fitted this many steps (0: skip)")
     parser.add_argument("--target", type=float, default=0.30, help="peak RSS / checkpoint size to meet")
@@ -200,17 +208,18 @@ def main(argv=None) -> int:
     model = make_model(workdir / name, **shape)
     calib = write_sample_text(workdir / "calib.txt")
     size = checkpoint_bytes(model)
-    base = baseline_rss()
+    base = baseline_rss(model)
 
-    runs = [("wanda", "none", 0)]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    runs = [(f"wanda bs{b}", "none", 0, b) for b in batch_sizes]
     if args.masklora_steps > 0:
-        runs.append(("wanda+masklora", "masklora", args.masklora_steps))
+        runs.append((f"masklora bs{batch_sizes[0]}", "masklora", args.masklora_steps, batch_sizes[0]))
     results = {"model": str(model), "checkpoint_bytes": size, "import_baseline_rss": base, "runs": {}}
-    for run_name, correction, steps in runs:
-        out = workdir / f"out-{name}-{correction}"
-        command = prune_command(model, out, calib, workdir / "cache", args, correction, steps)
+    for run_name, correction, steps, batch_size in runs:
+        out = workdir / f"out-{name}-{correction}-bs{batch_size}"
+        command = prune_command(model, out, calib, workdir / "cache", args, correction, steps, batch_size)
         print(f"running: {' '.join(command)}", flush=True)
-        result = measure(command, workdir / f"log-{name}-{correction}.txt")
+        result = measure(command, workdir / f"log-{name}-{correction}-bs{batch_size}.txt")
         report = json.loads((out / "report.json").read_text())
         result["peak_rss_self"] = report["totals"]["peak_host_rss_bytes"]
         result["peak"] = max(result["peak_rss_sampled"], result["peak_rss_self"])
@@ -220,13 +229,13 @@ def main(argv=None) -> int:
 
     print()
     print(f"checkpoint: {size / GIB:.2f} GiB ({size:,} bytes) of safetensors, {args.layers} blocks; "
-          f"import-only baseline RSS {base / GIB:.2f} GiB")
-    print(f"{'run':16} {'wall s':>7} {'peak RSS sampled':>17} {'peak RSS (report)':>21} {'ratio':>6}  target")
+          f"floor (engine imported, model skeleton built) {base / GIB:.2f} GiB = {base / size:.3f}")
+    print(f"{'run':18} {'wall s':>7} {'peak RSS sampled':>17} {'peak RSS (report)':>21} {'ratio':>6}  target")
     failed = False
     for run_name, r in results["runs"].items():
         ok = r["ratio"] <= args.target
         failed |= not ok
-        print(f"{run_name:16} {r['wall_s']:7.1f} {r['peak_rss_sampled'] / GIB:13.2f} GiB "
+        print(f"{run_name:18} {r['wall_s']:7.1f} {r['peak_rss_sampled'] / GIB:13.2f} GiB "
               f"{r['peak_rss_self'] / GIB:17.2f} GiB {r['ratio']:6.3f}  {'met' if ok else 'MISSED'} "
               f"(<= {args.target:.2f})")
     if args.full_layers:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reconstruct import driver as driver_module
+from reconstruct import memory as memory_module
 from reconstruct import store as store_module
 from reconstruct import writer as writer_module
 from reconstruct.api import RunConfig, prune
@@ -183,6 +185,95 @@ def test_bf16_stays_bf16_and_fp32_converts(root, text, tmp_path):
     assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
+def test_large_tensors_are_copied_a_few_rows_at_a_time(model, text, root, reference, monkeypatch, tmp_path):
+    """Embeddings and head go to the output in pieces of READ_CHUNK_BYTES (a 128k-row embedding is
+    GBs): with pieces of a few rows the checkpoint is byte for byte the same."""
+    from reconstruct import models as models_module
+
+    monkeypatch.setattr(models_module, "READ_CHUNK_BYTES", 1000)
+    pieces: list[tuple[str, int, int]] = []
+    original = CheckpointReader.get_rows
+
+    def recording_get_rows(self, name, start, stop):
+        pieces.append((name, start, stop))
+        return original(self, name, start, stop)
+
+    monkeypatch.setattr(CheckpointReader, "get_rows", recording_get_rows)
+    prune(str(model), str(tmp_path / "out"), **settings(text, root, offload_activations="ram"))
+    assert_same_checkpoint(tmp_path / "out", reference)
+    head = [(start, stop) for name, start, stop in pieces if name == "lm_head.weight"]
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    assert len(head) > 1 and head[0][0] == 0 and head[-1][1] == vocab
+    assert all(a[1] == b[0] for a, b in zip(head, head[1:]))  # contiguous, each row once
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.bool])
+def test_safetensors_writer_round_trip(dtype, tmp_path):
+    """The streaming writer's files read back with the safetensors library, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from reconstruct.writer import StreamedTensor, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(7, 5, generator=g) * 10).to(dtype)
+    tensors = {"whole": (torch.randn(3, 4, generator=g) * 10).to(dtype),
+               "scalar": torch.tensor(3).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+               "streamed": StreamedTensor(dtype, (7, 5), lambda: iter([big[:3], big[3:6], big[6:]]))}
+    write_safetensors(tmp_path / "a.safetensors", tensors)
+    loaded = load_file(tmp_path / "a.safetensors")
+    assert set(loaded) == set(tensors)
+    for name in ("whole", "scalar", "empty"):
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensors[name])
+    assert torch.equal(loaded["streamed"], big)
+    with open(tmp_path / "a.safetensors", "rb") as handle:  # the format's 8-byte header alignment
+        assert int.from_bytes(handle.read(8), "little") % 8 == 0
+
+    short = StreamedTensor(dtype, (7, 5), lambda: iter([big[:3]]))
+    with pytest.raises(ValueError, match="'short': wrote .* bytes, its shape and dtype need"):
+        write_safetensors(tmp_path / "b.safetensors", {"short": short})
+
+
+def test_layer_error_meter_reads_dense_weights_in_pieces():
+    """The per-layer error compares against dense weights read back a few rows at a time; it is
+    the error computed with the whole dense matrix."""
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(16, 10, bias=False)
+    dense = torch.randn(10, 16, generator=g)
+    linear.weight.data = dense.clone()
+    linear.weight.data[:, ::2] = 0  # "pruned"
+    x = torch.randn(2, 5, 16, generator=g)
+
+    def dense_rows(name):
+        assert name == "proj"
+        for start in range(0, 10, 3):  # pieces of 3, 3, 3 and 1 rows
+            yield slice(start, start + 3), dense[start:start + 3]
+
+    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows) as meter, torch.no_grad():
+        linear(x)
+    pruned = linear.weight.detach()
+    expected = (x @ (dense - pruned).T).pow(2).sum() / (x @ dense.T).pow(2).sum()
+    assert meter.relative("proj") == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_statistics_in_token_chunks_are_the_whole_batch_statistics(monkeypatch):
+    """Inputs are converted to fp32 a few tokens at a time; norms and Hessian are those of the batch."""
+    from reconstruct import stats as stats_module
+
+    x = torch.randn(3, 50, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    whole = stats_module.InputStatistics(24, "cpu", with_hessian=True)
+    whole.add(x)
+    monkeypatch.setattr(stats_module, "TOKEN_CHUNK_ELEMENTS", 7 * 24)  # 22 chunks of 7 tokens (last 3)
+    chunked = stats_module.InputStatistics(24, "cpu", with_hessian=True)
+    chunked.add(x)
+    assert chunked.tokens == whole.tokens == 150
+    torch.testing.assert_close(chunked.column_norms, whole.column_norms)
+    torch.testing.assert_close(chunked.hessian, whole.hessian)
+    fp32 = torch.randn(10, 24)
+    original = fp32.clone()
+    chunked.add(fp32)
+    assert torch.equal(fp32, original)  # the caller's tensor is not squared in place
+
+
 # --------------------------------------------------------------------------------------------------
 # Broken input checkpoints
 def shard_holding(directory: Path, tensor: str) -> Path:
@@ -271,15 +362,15 @@ def enospc() -> OSError:
 
 def test_full_disk_while_writing_a_shard_is_resumable(model, text, root, reference, monkeypatch, tmp_path):
     failing = "model-00003-of-00004.safetensors"  # block 2's shard
-    original = writer_module.save_file
+    original = writer_module.write_safetensors
 
-    def save_file_until_full(tensors, filename, metadata=None):
-        if Path(filename).name.startswith(failing):
-            Path(filename).write_bytes(b"\0" * 100)  # a partly written file, as a full disk leaves
+    def write_until_full(path, tensors):
+        if Path(path).name.startswith(failing):
+            Path(path).write_bytes(b"\0" * 100)  # a partly written file, as a full disk leaves
             raise enospc()
-        return original(tensors, filename, metadata=metadata)
+        return original(path, tensors)
 
-    monkeypatch.setattr(writer_module, "save_file", save_file_until_full)
+    monkeypatch.setattr(writer_module, "write_safetensors", write_until_full)
     out = tmp_path / "out"
     with pytest.raises(OutputError) as caught:
         prune(str(model), str(out), **settings(text, root))
@@ -290,7 +381,7 @@ def test_full_disk_while_writing_a_shard_is_resumable(model, text, root, referen
     assert json.loads((work / "state.json").read_text())["next_block"] == 2
     assert not list(work.glob("*.tmp"))  # the partial shard was removed
 
-    monkeypatch.setattr(writer_module, "save_file", original)  # space freed
+    monkeypatch.setattr(writer_module, "write_safetensors", original)  # space freed
     prune(str(model), str(out), resume=True, **settings(text, root))
     assert not work.exists()
     assert_same_checkpoint(out, reference)
@@ -355,11 +446,16 @@ def test_one_block_in_memory_and_head_never_materialised(model, text, root, monk
     reads: dict[str, int] = {}
     saved: list[tuple[set[str], list[int], bool]] = []
 
-    original_get = CheckpointReader.get
+    original_get, original_get_rows = CheckpointReader.get, CheckpointReader.get_rows
+    rows_read: dict[str, int] = {}
 
     def counting_get(self, name):
         reads[name] = reads.get(name, 0) + 1
         return original_get(self, name)
+
+    def counting_get_rows(self, name, start, stop):
+        rows_read[name] = rows_read.get(name, 0) + stop - start
+        return original_get_rows(self, name, start, stop)
 
     def materialised_blocks() -> list[int]:
         return [i for i, block in enumerate(driver.adapter.blocks)
@@ -383,6 +479,7 @@ def test_one_block_in_memory_and_head_never_materialised(model, text, root, monk
                                   not self.model.get_input_embeddings().weight.is_meta))
 
     monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    monkeypatch.setattr(CheckpointReader, "get_rows", counting_get_rows)
     monkeypatch.setattr(writer_module.RunDirectory, "save_shard", watching_save)
     monkeypatch.setattr(ModelAdapter, "load_embeddings", watching_load_embeddings)
     driver.run()
@@ -397,8 +494,10 @@ def test_one_block_in_memory_and_head_never_materialised(model, text, root, monk
     for index, (names, materialised, head_meta) in enumerate(block_shards):
         assert names and all(n.startswith(f"model.layers.{index}.") for n in names)
         assert materialised == [index] and head_meta
-    # The head is read once, to be copied into the output, and never loaded into the model.
-    assert reads["lm_head.weight"] == 1
+    # The head is read once, a chunk of rows at a time, to be copied into the output, and never
+    # loaded into the model.
+    assert "lm_head.weight" not in reads
+    assert rows_read["lm_head.weight"] == driver.adapter.config.vocab_size
     # After the run every parameter is back on the meta device.
     assert all(p.is_meta for p in driver.adapter.model.parameters())
 
@@ -416,8 +515,8 @@ def test_heap_fragmentation_guard_is_set(monkeypatch):
             return 1
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
-    driver_module._limit_heap_fragmentation()
-    assert calls == [(-3, driver_module.MMAP_THRESHOLD_BYTES)]  # M_MMAP_THRESHOLD, fixed (not dynamic)
+    memory_module.limit_heap_fragmentation()
+    assert calls == [(-3, memory_module.MMAP_THRESHOLD_BYTES)]  # M_MMAP_THRESHOLD, fixed (not dynamic)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's VmHWM")
@@ -429,8 +528,8 @@ def test_reported_peak_is_the_runs_own_not_its_parents():
     ballast = bytearray(1 << 30)  # 1 GiB, made resident page by page
     for offset in range(0, len(ballast), 4096):
         ballast[offset] = 1
-    code = ("import resource; from reconstruct.driver import _peak_rss_bytes; "
-            "print(_peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = ("import resource; from reconstruct.memory import peak_rss_bytes; "
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     del ballast
     own, inherited = map(int, child.stdout.split())
