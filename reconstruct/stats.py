@@ -11,7 +11,7 @@ import weakref
 import torch
 from torch import nn
 
-TOKEN_CHUNK_ELEMENTS = 2**20  # inputs are converted to fp32 about this many values at a time
+TOKEN_CHUNK_ELEMENTS = 2**18  # inputs are converted to fp32 about this many values at a time
 
 
 class InputStatistics:

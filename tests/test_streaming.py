@@ -152,6 +152,26 @@ def test_store_choice_by_budget(tmp_path):
         store_module.StoreFactory("ssd", tmp_path, None, 5)
 
 
+def test_saved_inputs_open_in_ram_or_mapped_by_the_same_rule(tmp_path):
+    """A saved store (the resume point) is read into RAM when the budget allows, or mapped; a RAM
+    copy can then be overwritten without touching the file. A truncated file is a clear error."""
+    shape, dtype = (4, 8, 16), torch.bfloat16
+    saved = store_module.ActivationStore(shape, dtype)
+    saved[:] = torch.randn(shape)
+    saved.save_to(tmp_path / "inputs.bin")
+
+    in_ram = store_module.StoreFactory("ram", tmp_path, None, 2).open(tmp_path / "inputs.bin", shape, dtype)
+    assert not in_ram.on_disk and torch.equal(in_ram[:], saved[:])
+    in_ram[0:1] = torch.zeros(1, 8, 16)
+    mapped = store_module.StoreFactory("disk", tmp_path, None, 2).open(tmp_path / "inputs.bin", shape, dtype)
+    assert mapped.on_disk and torch.equal(mapped[:], saved[:])  # the file was not overwritten
+
+    with open(tmp_path / "inputs.bin", "rb+") as handle:
+        handle.truncate(100)
+    with pytest.raises(OSError, match="cannot read the saved activations .*rerun without --resume"):
+        store_module.StoreFactory("ram", tmp_path, None, 2).open(tmp_path / "inputs.bin", shape, dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # Input checkpoints: sharded, bf16
 def test_sharded_checkpoint_gives_the_same_output(sharded_model, model, text, root, tmp_path):
