@@ -118,7 +118,7 @@ class CheckpointReader:
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """A tensor's dtype and shape, from its shard's header (no data is read)."""
         with self._open(name) as handle:
-            piece = handle.get_slice(name)
+            piece = self._read(name, lambda: handle.get_slice(name))
             return SAFETENSORS_TO_TORCH[piece.get_dtype()], tuple(piece.get_shape())
 
     def get(self, name: str) -> torch.Tensor:
