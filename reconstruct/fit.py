@@ -2,8 +2,9 @@
 
 The loop is PERP's: MSE on the unit's output, AdamW, a linear schedule with warm-up, fp32 trainable
 parameters (under autocast when the block is stored in half precision), no gradient clipping. The
-guard measures the relative output error on held-out calibration batches before and after: a
-correction that is worse, or not finite, is not merged and the pruned weights are restored.
+guard measures the relative output error on held-out calibration batches before fitting and, after
+fitting, with exactly the weights merging would write: a correction that is worse, or not finite,
+is not merged but discarded, and the pruned unit is left as it was.
 """
 from __future__ import annotations
 
@@ -84,7 +85,6 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
                    compute_dtype: torch.dtype) -> FitReport:
     """Attach `correction` to `unit`, fit it, merge it, and keep it only if it did not make things worse."""
     started = time.perf_counter()
-    pruned_state = {name: value.detach().clone() for name, value in unit.state_dict().items()}
     train_sample = train_batches[::max(1, len(train_batches) // TRAIN_ERROR_SAMPLE)][:TRAIN_ERROR_SAMPLE]
     heldout_before = relative_error(run, target, heldout_batches)
     error_before = relative_error(run, target, train_sample)
@@ -98,18 +98,19 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
 
     note = _optimise(attachment.trainable, run, target, train_batches, options, generator, device,
                      compute_dtype)
-    attachment.merge()
-    for parameter in unit.parameters():
-        parameter.requires_grad_(False)
-
-    heldout_after = relative_error(run, target, heldout_batches)
-    error_after = relative_error(run, target, train_sample)
+    with attachment.merged_view():  # judged as it would be written, before anything is merged
+        heldout_after = relative_error(run, target, heldout_batches)
+        error_after = relative_error(run, target, train_sample)
     merged = math.isfinite(heldout_after) and math.isfinite(error_after) and heldout_after <= heldout_before
-    if not merged:
-        # Never worse: put the pruned weights back exactly as they were.
-        unit.load_state_dict(pruned_state)
+    if merged:
+        attachment.merge()
+    else:
+        # Never worse: the pruned unit stays exactly as it was.
+        attachment.discard()
         reason = "non-finite output" if not math.isfinite(heldout_after) else "held-out error increased"
         note = f"{note}; reverted: {reason}".lstrip("; ")
+    for parameter in unit.parameters():
+        parameter.requires_grad_(False)
     return FitReport(error_before, error_after if merged else error_before, heldout_before,
                      heldout_after, trainable, time.perf_counter() - started, merged, note)
 

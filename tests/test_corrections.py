@@ -86,6 +86,58 @@ def test_lora_prune_merge_changes_the_fitted_layer():
     assert (merged - unmerged).abs().max() > 1e-2
 
 
+class _NormUnit(nn.Module):
+    """A norm feeding a pruned linear with a bias: every correction has something to attach to."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.norm = nn.LayerNorm(linear.in_features)
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+def _pruned_norm_unit(dtype):
+    unit, mask = _pruned_unit()
+    norm_unit = _NormUnit(unit.proj)
+    with torch.no_grad():
+        norm_unit.norm.weight.copy_(1 + 0.1 * torch.randn(48, generator=torch.Generator().manual_seed(3)))
+    return norm_unit.to(dtype), mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["masklora", "scalelora", "lora-prune", "bias", "norm", "masklora+norm",
+                                  "bias+norm"])
+def test_merged_view_is_the_merge_and_discard_leaves_the_unit_as_it_was(name, dtype):
+    """The never-worse guard judges a correction inside merged_view() and then merges or discards
+    it: the view must compute exactly what the merged unit computes, and discarding must leave the
+    unit exactly as before (same modules, same tensors), without a copy of its weights."""
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    unit, mask = _pruned_norm_unit(dtype)
+    attachment = _attach_and_perturb(name, unit, mask)
+    with torch.no_grad(), attachment.merged_view():
+        viewed = unit(x)
+    attachment.merge()
+    with torch.no_grad():
+        merged = unit(x)
+    assert torch.equal(viewed, merged)
+    assert type(unit.proj) is nn.Linear and unit.proj.weight.dtype == dtype
+
+    unit, mask = _pruned_norm_unit(dtype)
+    with torch.no_grad():
+        before = unit(x)
+    state = {key: value.clone() for key, value in unit.state_dict().items()}
+    attachment = _attach_and_perturb(name, unit, mask)
+    attachment.discard()
+    assert type(unit.proj) is nn.Linear
+    assert all(torch.equal(value, state[key]) and value.dtype == state[key].dtype
+               for key, value in unit.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(unit(x), before)
+
+
 # --------------------------------------------------------------------------------------------------
 def _assert_exact_row_sparsity(directory, sparsity):
     model = load_causal_lm(directory)

@@ -2,11 +2,15 @@
 
 A correction is attached to a pruned unit (a block, a sublayer or one linear): it makes a small set of
 fp32 parameters trainable, the fitting loop optimises them, and `merge()` folds them back into plain
-weights of the storage dtype, leaving ordinary modules behind (as PEFT's tuner layers do).
+weights of the storage dtype, leaving ordinary modules behind (as PEFT's tuner layers do). Inside
+`merged_view()` the unit computes exactly what it will compute once merged, so the never-worse guard
+can judge the merged result before anything is merged; `discard()` removes a correction that failed,
+leaving the unit as it was (no copy of the pruned weights is needed to undo it).
 """
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,14 +28,24 @@ class CorrectionOptions:
 
 
 class Attachment:
-    """What `Correction.attach` returns: the trainable parameters and how to merge them."""
+    """What `Correction.attach` returns: the trainable parameters, and how to merge them, discard
+    them, or compute as if merged."""
 
-    def __init__(self, trainable: list[nn.Parameter], merge):
+    def __init__(self, trainable: list[nn.Parameter], merge, discard, merged_view):
         self.trainable = trainable
-        self._merge = merge
+        self._merge, self._discard, self._merged_view = merge, discard, merged_view
 
     def merge(self) -> None:
+        """Fold the correction into the unit's weights, in their storage dtype."""
         self._merge()
+
+    def discard(self) -> None:
+        """Remove the correction: the unit is exactly as it was before `attach`."""
+        self._discard()
+
+    def merged_view(self):
+        """A context in which the unit computes what it will compute after `merge()`."""
+        return self._merged_view()
 
 
 class Correction:
@@ -52,6 +66,7 @@ class LinearWrapper(nn.Module):
         super().__init__()
         self.base = base
         self.register_buffer("mask", mask.to(base.weight.device), persistent=False)
+        self.as_merged = False  # compute with the weight merge() would write (for the guard)
 
     def effective_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -60,7 +75,9 @@ class LinearWrapper(nn.Module):
         return self.effective_weight()
 
     def forward(self, x):
-        return nn.functional.linear(x, self.effective_weight().to(x.dtype),
+        weight = (self.merged_weight().to(self.base.weight.dtype) if self.as_merged
+                  else self.effective_weight())
+        return nn.functional.linear(x, weight.to(x.dtype),
                                     None if self.base.bias is None else self.base.bias.to(x.dtype))
 
     def merge(self) -> nn.Linear:
@@ -99,8 +116,22 @@ def wrap_linears(unit: nn.Module, masks: dict[str, torch.Tensor], make_wrapper) 
         for parent, child, wrapper in wrappers.values():
             setattr(parent, child, wrapper.merge())
 
+    def discard():
+        for parent, child, wrapper in wrappers.values():
+            setattr(parent, child, wrapper.base)  # untouched until a merge
+
+    @contextmanager
+    def merged_view():
+        for _, _, wrapper in wrappers.values():
+            wrapper.as_merged = True
+        try:
+            yield
+        finally:
+            for _, _, wrapper in wrappers.values():
+                wrapper.as_merged = False
+
     trainable = [p for _, _, w in wrappers.values() for n, p in w.named_parameters() if not n.startswith("base.")]
-    return Attachment(trainable, merge)
+    return Attachment(trainable, merge, discard, merged_view)
 
 
 def train_in_fp32(parameters: list[tuple[nn.Module, str]]) -> Attachment:
@@ -111,18 +142,47 @@ def train_in_fp32(parameters: list[tuple[nn.Module, str]]) -> Attachment:
         original = getattr(module, leaf)
         master = nn.Parameter(original.detach().float().clone(), requires_grad=True)
         setattr(module, leaf, master)
-        originals.append((module, leaf, original.dtype))
+        originals.append((module, leaf, original, master))
         trainable.append(master)
 
-    def merge():
-        for module, leaf, dtype in originals:
-            setattr(module, leaf, nn.Parameter(getattr(module, leaf).detach().to(dtype), requires_grad=False))
+    def merged(master: nn.Parameter, original: nn.Parameter) -> nn.Parameter:
+        return nn.Parameter(master.detach().to(original.dtype), requires_grad=False)
 
-    return Attachment(trainable, merge)
+    def merge():
+        for module, leaf, original, master in originals:
+            setattr(module, leaf, merged(master, original))
+
+    def discard():
+        for module, leaf, original, _ in originals:
+            setattr(module, leaf, original)
+
+    @contextmanager
+    def merged_view():
+        for module, leaf, original, master in originals:
+            setattr(module, leaf, merged(master, original))
+        try:
+            yield
+        finally:
+            for module, leaf, _, master in originals:
+                setattr(module, leaf, master)
+
+    return Attachment(trainable, merge, discard, merged_view)
 
 
 def combine(attachments: list[Attachment]) -> Attachment:
     def merge():
         for attachment in attachments:
             attachment.merge()
-    return Attachment([p for a in attachments for p in a.trainable], merge)
+
+    def discard():
+        for attachment in reversed(attachments):
+            attachment.discard()
+
+    @contextmanager
+    def merged_view():
+        with ExitStack() as stack:
+            for attachment in attachments:
+                stack.enter_context(attachment.merged_view())
+            yield
+
+    return Attachment([p for a in attachments for p in a.trainable], merge, discard, merged_view)
