@@ -389,7 +389,7 @@ class Driver:
         del stats
         return_freed_memory()
 
-        # 3. Fit the correction towards the dense outputs, merge it (or revert it if worse).
+        # 3. Fit the correction towards the dense outputs; merge it, or discard it if it is worse.
         fit_reports = []
         if self.correction is not None:
             fit_reports = self.correct(index, block, dense_block, masks, fit_inputs, targets, call)

@@ -15,7 +15,9 @@ class MaskLoRALinear(LinearWrapper):
         self.scale = alpha / rank
 
     def effective_weight(self):
-        return self.base.weight.float() + self.scale * self.mask * (self.lora_B @ self.lora_A)
+        # Written so that autograd keeps only the bool mask (already held) for the backward pass,
+        # not an fp32 copy of scale·M or of W: 4 bytes per weight less while fitting. Same values.
+        return (self.lora_B @ self.lora_A).mul(self.mask).mul(self.scale) + self.base.weight
 
 
 @register

@@ -19,7 +19,9 @@ class ScaleLoRALinear(LinearWrapper):
         torch.nn.init.constant_(self.lora_B, 1 / math.sqrt(rank))
 
     def effective_weight(self):
-        return self.base.weight.float() * (self.lora_B @ self.lora_A)
+        # fp32 by type promotion: autograd keeps the weight itself for the backward pass, not an
+        # fp32 copy of it (2 bytes per weight less for a bf16 block while fitting). Same values.
+        return (self.lora_B @ self.lora_A) * self.base.weight
 
 
 @register
