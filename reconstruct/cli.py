@@ -70,7 +70,9 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="weights' dtype for computing and saving (default: the checkpoint's)")
     run.add_argument("--batch-size", type=int, default=d.batch_size,
-                     help="windows per forward pass; halved automatically on CUDA out-of-memory (default: %(default)s)")
+                     help="windows per forward pass; halved automatically on CUDA out-of-memory. On the CPU "
+                     "1 gives the lowest host memory (a window's activations at a time), at some speed "
+                     "(default: %(default)s)")
     run.add_argument("--offload-activations", choices=["auto", "ram", "disk"], default=d.offload_activations,
                      help="keep calibration activations in RAM, in memory-mapped files, or decide by "
                      "--activation-budget-gb (default: %(default)s)")

@@ -21,7 +21,7 @@ class ScaleLoRALinear(LinearWrapper):
     def effective_weight(self):
         # fp32 by type promotion: autograd keeps the weight itself for the backward pass, not an
         # fp32 copy of it (2 bytes per weight less for a bf16 block while fitting). Same values.
-        return (self.lora_B @ self.lora_A) * self.base.weight
+        return (self.lora_B @ self.lora_A).float() * self.base.weight
 
 
 @register
