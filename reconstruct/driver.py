@@ -400,7 +400,11 @@ class Driver:
         #    are left untouched.
         next_inputs = (inputs if not inputs.on_disk
                        else self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype))
-        with LayerErrorMeter(linears, lambda linear: adapter.dense_rows(f"{name}.{linear}")) as meter:
+        # Dense weights for the error report: small pieces on the CPU (host memory is the limit
+        # there), larger ones for an accelerator (fewer host-to-device copies).
+        piece = 2**20 if self.device.type == "cpu" else 16 * 2**20
+        with LayerErrorMeter(linears, lambda linear: adapter.dense_rows(f"{name}.{linear}", chunk_bytes=piece)) \
+                as meter:
             replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter)
 
         # 5. Write the block, record the resume point, free everything of this block.

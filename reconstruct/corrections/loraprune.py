@@ -9,7 +9,7 @@ from .masklora import MaskLoRA, MaskLoRALinear
 
 class LoRAPruneLinear(MaskLoRALinear):
     def effective_weight(self):
-        return (self.lora_B @ self.lora_A).float().mul(self.scale) + self.base.weight
+        return (self.lora_B @ self.lora_A).float().mul_(self.scale).add_(self.base.weight)
 
     def merged_weight(self):
         return self.effective_weight() * self.mask

@@ -16,9 +16,9 @@ class MaskLoRALinear(LinearWrapper):
 
     def effective_weight(self):
         # Written so that autograd keeps only the bool mask (already held) for the backward pass,
-        # not an fp32 copy of scale·M or of W: 4 bytes per weight less while fitting. Same values.
-        # (.float(): under autocast the product is half precision; the sum is formed in fp32.)
-        return (self.lora_B @ self.lora_A).float().mul(self.mask).mul(self.scale) + self.base.weight
+        # not fp32 copies of scale·M or W, and in place so that one fp32 matrix is made, not four.
+        # The sum is formed in fp32 (under autocast BA is half precision), as W.float() + s·M⊙BA.
+        return (self.lora_B @ self.lora_A).float().mul_(self.mask).mul_(self.scale).add_(self.base.weight)
 
 
 @register
