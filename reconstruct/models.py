@@ -83,6 +83,7 @@ class CheckpointReader:
     def __init__(self, directory: Path):
         self.directory = directory
         self.file_of: dict[str, str] = self._weight_map()
+        self._headers: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # name -> (dtype, shape)
 
     def _weight_map(self) -> dict[str, str]:
         from safetensors import safe_open
@@ -116,10 +117,13 @@ class CheckpointReader:
         return torch.float32
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """A tensor's dtype and shape, from its shard's header (no data is read)."""
-        with self._open(name) as handle:
-            piece = self._read(name, lambda: handle.get_slice(name))
-            return SAFETENSORS_TO_TORCH[piece.get_dtype()], tuple(piece.get_shape())
+        """A tensor's dtype and shape, from its shard's header (no data is read), remembered: the
+        error report asks for the same tensors' row ranges at every batch."""
+        if name not in self._headers:
+            with self._open(name) as handle:
+                piece = self._read(name, lambda: handle.get_slice(name))
+                self._headers[name] = SAFETENSORS_TO_TORCH[piece.get_dtype()], tuple(piece.get_shape())
+        return self._headers[name]
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor. Pages of the memory-mapped shard are read when touched, so a large
@@ -290,22 +294,24 @@ class ModelAdapter:
         """Return a module's parameters to the meta device, freeing their memory."""
         module.to("meta")
 
+    def stored_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a tensor is written out in: floating point in the storage dtype, others as is."""
+        return self.storage_dtype if dtype.is_floating_point else dtype
+
     def for_storage(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor as it is written out: floating point in the storage dtype, on the CPU, contiguous."""
-        tensor = tensor.detach().to("cpu")
-        return (tensor.to(self.storage_dtype) if tensor.is_floating_point() else tensor).contiguous()
+        """A tensor as it is written out: in its stored dtype, on the CPU, contiguous."""
+        return tensor.detach().to("cpu", self.stored_dtype(tensor.dtype)).contiguous()
 
     def streamed_copy(self, name: str) -> "torch.Tensor | StreamedTensor":
         """A checkpoint tensor as it is written out, read and converted a chunk of rows at a time."""
         dtype, shape = self.checkpoint.info(name)
         if not shape:
             return self.for_storage(self.checkpoint.get(name))
-        out_dtype = self.storage_dtype if dtype.is_floating_point else dtype
 
         def chunks():
             for start, stop in self.checkpoint.row_chunks(name):
                 yield self.for_storage(self.checkpoint.get_rows(name, start, stop))
-        return StreamedTensor(out_dtype, shape, chunks)
+        return StreamedTensor(self.stored_dtype(dtype), shape, chunks)
 
     def dense_rows(self, module_name: str, parameter: str = "weight", chunk_bytes: int = 2**20):
         """(rows, values) pieces of a loaded module's parameter as the checkpoint holds it (in the run's

@@ -109,8 +109,8 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def row_chunks(weight: torch.Tensor) -> list[slice]:
-    """Slices of whole rows of about `elements` weights each. Per-row selections (Wanda, N:M) are
-    made a chunk at a time, so their fp32 scores, top-k values and int64 indices, several times the
-    weight's own size if made at once, stay a few MB."""
+    """Slices of whole rows of about ROW_CHUNK_ELEMENTS weights each. Per-row selections (Wanda,
+    N:M) are made a chunk at a time, so their fp32 scores, top-k values and int64 indices, several
+    times the weight's own size if made at once, stay a few MB."""
     step = max(1, ROW_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     return [slice(start, start + step) for start in range(0, weight.shape[0], step)]
