@@ -44,7 +44,7 @@ def _attach_and_perturb(name, unit, mask, seed=1):
     return attachment
 
 
-@pytest.mark.parametrize("name", ["masklora", "scalelora"])
+@pytest.mark.parametrize("name", ["masklora", "scalelora", "full"])
 def test_sparsity_preserving_merge_is_exact(name):
     unit, mask = _pruned_unit()
     x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(2))
@@ -63,7 +63,7 @@ def test_sparsity_preserving_merge_is_exact(name):
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["masklora", "scalelora"])
+@pytest.mark.parametrize("name", ["masklora", "scalelora", "full"])
 def test_merge_into_half_precision_keeps_zeros(name):
     unit, mask = _pruned_unit(torch.bfloat16)
     attachment = _attach_and_perturb(name, unit, mask)
@@ -107,8 +107,8 @@ def _pruned_norm_unit(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["masklora", "scalelora", "lora-prune", "bias", "norm", "masklora+norm",
-                                  "bias+norm"])
+@pytest.mark.parametrize("name", ["masklora", "scalelora", "lora-prune", "full", "bias", "norm",
+                                  "masklora+norm", "bias+norm"])
 def test_merged_view_is_the_merge_and_discard_leaves_the_unit_as_it_was(name, dtype):
     """The never-worse guard judges a correction inside merged_view() and then merges or discards
     it: the view must compute exactly what the merged unit computes, and discarding must leave the
@@ -161,9 +161,10 @@ def test_fitted_blocks_beat_the_uncorrected_ones(tiny_checkpoint, prune_tiny, tm
     _assert_exact_row_sparsity(tmp_path / "fit", 0.7)
 
 
-def test_never_worse_guard_reverts_a_broken_fit(tiny_checkpoint, prune_tiny, tmp_path):
+@pytest.mark.parametrize("correction", ["masklora", "full"])
+def test_never_worse_guard_reverts_a_broken_fit(correction, tiny_checkpoint, prune_tiny, tmp_path):
     model_dir = tiny_checkpoint("llama")
-    broken = prune_tiny(model_dir, tmp_path / "broken", correction="masklora", steps=10, lr=1e6, warmup=0.0)
+    broken = prune_tiny(model_dir, tmp_path / "broken", correction=correction, steps=10, lr=1e6, warmup=0.0)
     prune_tiny(model_dir, tmp_path / "plain", correction="none")
 
     assert [b["merged"] for b in broken["blocks"]] == [False, False]
@@ -216,3 +217,22 @@ def test_granularities_and_targets_keep_exact_sparsity(granularity, target, tiny
     assert len(units) == expected_units, units
     assert report["totals"]["pruned_sparsity"] == pytest.approx(0.5)
     _assert_exact_row_sparsity(tmp_path / "out", 0.5)
+
+
+def test_full_fine_tuning_trains_kept_weights_only_and_keeps_positive_zeros():
+    """Masked full fine-tuning: a gradient step moves kept weights; pruned ones stay +0.0 (a −0.0 in
+    the input, as masking by multiplication leaves, is written as +0.0)."""
+    unit, mask = _pruned_unit()
+    with torch.no_grad():
+        unit.proj.weight[~mask] = -0.0
+    attachment = make_correction("full").attach(unit, {"proj": mask}, CorrectionOptions(), torch.Generator())
+    optimizer = torch.optim.AdamW(attachment.trainable, lr=1e-2, weight_decay=0.1)
+    x = torch.randn(8, 48, generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        optimizer.zero_grad()
+        unit(x).pow(2).mean().backward()
+        optimizer.step()
+    attachment.merge()
+    weight = unit.proj.weight.detach()
+    assert torch.equal(weight == 0, ~mask)
+    assert not torch.signbit(weight[~mask]).any()

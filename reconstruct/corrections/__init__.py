@@ -14,7 +14,7 @@ def register(cls):
     return cls
 
 
-from . import loraprune, masklora, scalelora, subsets  # noqa: E402,F401  (registers the corrections)
+from . import full, loraprune, masklora, scalelora, subsets  # noqa: E402,F401  (registers the corrections)
 
 NAMED_COMBINATIONS = ("masklora+norm", "bias+norm")
 
