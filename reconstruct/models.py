@@ -68,8 +68,13 @@ def resolve_checkpoint_dir(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(model), allow_patterns=TOKENIZER_AND_CONFIG_PATTERNS
-                                      + ["*.safetensors", "*.safetensors.index.json"]))
+        directory = Path(snapshot_download(str(model), allow_patterns=TOKENIZER_AND_CONFIG_PATTERNS
+                                           + ["*.safetensors", "*.safetensors.index.json"]))
+        if not any(directory.glob("*.safetensors")):
+            # Older checkpoints (e.g. Wanda's and SparseGPT's outputs) have PyTorch .bin weights only.
+            directory = Path(snapshot_download(str(model), allow_patterns=["pytorch_model*.bin",
+                                                                           "pytorch_model.bin.index.json"]))
+        return directory
     except Exception as error:  # offline, unknown repo, gated repo: all need the user's action
         raise CheckpointError(
             f"could not fetch {model!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
@@ -99,11 +104,8 @@ class CheckpointReader:
             except Exception as error:
                 raise CheckpointError(f"{single} is not a readable safetensors file ({error}); "
                                       "re-download or re-save the checkpoint") from error
-        others = sorted(p.name for p in self.directory.glob("*.bin"))
-        hint = (" It has PyTorch .bin weights: convert them once with "
-                "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)`.") if others else ""
-        raise CheckpointError(f"no safetensors weights in {self.directory} (looked for "
-                              f"{' or '.join(WEIGHT_FILES)}).{hint}")
+        raise CheckpointError(f"no weights in {self.directory} (looked for {' or '.join(WEIGHT_FILES)}, "
+                              "and pytorch_model.bin or its index); pass the checkpoint's directory")
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -388,7 +390,13 @@ def open_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
         config = AutoConfig.from_pretrained(directory)
     except Exception as error:
         raise UnsupportedModelError(f"cannot read a transformers config in {directory}: {error}") from error
-    reader = CheckpointReader(directory)
+    from .formats import open_checkpoint  # here, not at the top: formats builds on this module's reader
+
+    reader = open_checkpoint(directory)
+    if getattr(reader, "sparse_format", None) and hasattr(config, "quantization_config"):
+        # Decoded to dense tensors with zeros: nothing is compressed any more, and the serving stack
+        # (vLLM, transformers 5) rejects a sparsity_config, so the output must not carry it.
+        del config.quantization_config
     storage_dtype = dtype or _config_dtype(config) or reader.dtype()
     try:
         with init_empty_weights(include_buffers=False):

@@ -1,0 +1,159 @@
+"""Checkpoints pruned elsewhere read as the same tensors: safetensors, PyTorch .bin (weights_only),
+the legacy compressed-tensors sparse-bitmask and sparse-24-bitmask layouts (both namings), and a
+checkpoint whose lm_head was pruned as well (llm-compressor 0.14 does that)."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import saved_tensors
+from reconstruct.formats import BitmaskDecoder, TorchBinReader, open_checkpoint
+from reconstruct.models import CheckpointError, open_model
+
+
+def _pruned_copy(source, directory, pattern=None, prune_head=False):
+    """A copy of `source` with every block linear (and optionally lm_head) pruned by magnitude."""
+    shutil.copytree(source, directory)
+    tensors = saved_tensors(directory)
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and (".layers." in name or (prune_head and name.startswith("lm_head"))):
+            if pattern == "2:4":
+                groups = tensor.reshape(-1, 4)
+                keep = torch.zeros_like(groups, dtype=torch.bool)
+                keep.scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+                tensor.mul_(keep.reshape(tensor.shape))
+            else:
+                threshold = tensor.abs().flatten().kthvalue(tensor.numel() // 2).values
+                tensor[tensor.abs() <= threshold] = 0.0
+    for shard in directory.glob("*.safetensors"):
+        shard.unlink()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory, tensors
+
+
+def _compress(tensors, fmt, old_names=False):
+    """compressed-tensors' legacy layouts, written from their description (REFERENCE.md)."""
+    out = {}
+    for name, tensor in tensors.items():
+        if not (tensor.dim() == 2 and ".layers." in name):
+            out[name] = tensor
+            continue
+        prefix = name if old_names else name[:-len(".weight")]
+        keep = tensor != 0
+        if fmt == "sparse-24-bitmask":  # exactly 2 kept per group of 4 (a kept value may be 0)
+            groups = tensor.reshape(-1, 4)
+            keep = torch.zeros_like(groups, dtype=torch.bool)
+            keep.scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+            keep = keep.reshape(tensor.shape)
+            out[f"{prefix}.compressed"] = tensor[keep].reshape(tensor.shape[0], tensor.shape[1] // 2)
+            out[f"{prefix}.shape"] = torch.tensor(list(tensor.shape)).reshape(2, 1)
+        else:
+            out[f"{prefix}.compressed"] = tensor[keep]
+            out[f"{prefix}.shape"] = torch.tensor(list(tensor.shape))
+            out[f"{prefix}.row_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long),
+                                                      keep.sum(dim=1).cumsum(0)[:-1]])
+        out[f"{prefix}.bitmask"] = torch.from_numpy(np.packbits(keep.numpy(), axis=1, bitorder="little"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    return _pruned_copy(tiny_checkpoint("llama", hidden_size=64, intermediate_size=128), root / "pruned")
+
+
+def _read_all(directory):
+    reader = open_checkpoint(directory)
+    return reader, {name: reader.get(name) for name in reader.file_of}
+
+
+def _assert_same(read, expected):
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(read[name], tensor), name
+        assert not torch.signbit(read[name][read[name] == 0]).any(), name
+
+
+def test_pytorch_bin_reads_as_safetensors(pruned, tmp_path):
+    source, tensors = pruned
+    directory = tmp_path / "bin"
+    shutil.copytree(source, directory)
+    (directory / "model.safetensors").unlink()
+    torch.save(tensors, directory / "pytorch_model.bin")
+    reader, read = _read_all(directory)
+    assert isinstance(reader, TorchBinReader)
+    _assert_same(read, tensors)
+    name = next(n for n in tensors if n.endswith("up_proj.weight"))
+    assert torch.equal(reader.get_rows(name, 3, 9), tensors[name][3:9])
+    open_model(directory)  # the skeleton's every tensor is found
+
+
+def test_sharded_pytorch_bin_with_index(pruned, tmp_path):
+    source, tensors = pruned
+    directory = tmp_path / "bin-sharded"
+    shutil.copytree(source, directory)
+    (directory / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, part in halves.items():
+        torch.save({n: tensors[n] for n in part}, directory / file)
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {n: f for f, part in halves.items() for n in part}}))
+    _assert_same(_read_all(directory)[1], tensors)
+
+
+def test_pickle_with_code_is_refused(pruned, tmp_path):
+    directory = tmp_path / "evil"
+    shutil.copytree(pruned[0], directory)
+    (directory / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    with open(directory / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"x": Payload()}, handle)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        open_checkpoint(directory)
+
+
+@pytest.mark.parametrize("fmt, old_names", [("sparse-bitmask", False), ("sparse-bitmask", True),
+                                            ("sparse-24-bitmask", False)])
+def test_legacy_bitmask_checkpoints_decode_to_the_dense_tensors(fmt, old_names, tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint("llama", hidden_size=64, intermediate_size=128)
+    source, tensors = _pruned_copy(base, tmp_path / "pruned", pattern="2:4" if fmt.endswith("24-bitmask") else None)
+    directory = tmp_path / "compressed"
+    shutil.copytree(source, directory)
+    save_file(_compress(tensors, fmt, old_names), str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt,
+                                     "sparsity_config": {"format": fmt, "global_sparsity": 0.5,
+                                                         "targets": ["Linear"], "ignore": ["lm_head"]}}
+    (directory / "config.json").write_text(json.dumps(config))
+
+    reader, read = _read_all(directory)
+    assert isinstance(reader, BitmaskDecoder)
+    _assert_same(read, tensors)
+    name = next(n for n in tensors if n.endswith("down_proj.weight"))
+    for start, stop in [(0, 1), (5, 17), (60, 64)]:
+        assert torch.equal(reader.get_rows(name, start, stop), tensors[name][start:stop])
+    assert reader.info(name) == (tensors[name].dtype, tuple(tensors[name].shape))
+    adapter = open_model(directory)
+    assert not hasattr(adapter.config, "quantization_config")  # the output carries no sparsity_config
+
+
+def test_unknown_sparsity_format_is_named(pruned, tmp_path):
+    directory = tmp_path / "unknown"
+    shutil.copytree(pruned[0], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"sparsity_config": {"format": "sparse-cutlass-24"}}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="sparse-cutlass-24"):
+        open_checkpoint(directory)
