@@ -2,6 +2,9 @@
 
 * `calibration_windows(source, tokenizer, nsamples, seqlen, seed)` -> LongTensor [nsamples, seqlen]:
   the windows that pruning statistics and corrections are fitted on (`calib.calibration`).
+* `training_windows(source, tokenizer, ntrain, nvalidation, seqlen, seed)` -> (LongTensor [ntrain,
+  seqlen], LongTensor [nvalidation, seqlen]): packed windows for global retraining and a disjoint
+  validation slice (`calib.training`).
 * `eval_tokens(source, tokenizer, seqlen)` -> LongTensor [1, N]: held-out text for perplexity
   (`calib.evaluation`).
 
@@ -13,5 +16,6 @@ docs/evaluation.md describes the protocols in full.
 from calib.calibration import calibration_windows
 from calib.errors import CalibrationError
 from calib.evaluation import eval_tokens
+from calib.training import training_windows
 
-__all__ = ["CalibrationError", "calibration_windows", "eval_tokens"]
+__all__ = ["CalibrationError", "calibration_windows", "eval_tokens", "training_windows"]

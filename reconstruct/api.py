@@ -1,4 +1,5 @@
-"""The run's settings, validated before anything is read or written, and `prune()` for Python users."""
+"""The runs' settings, validated before anything is read or written, and `prune()` / `retrain()` for
+Python users."""
 from __future__ import annotations
 
 import hashlib
@@ -142,4 +143,106 @@ def prune(model: str, out: str, **settings) -> dict:
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RunConfig.field_names()}")
     config = RunConfig(model=str(model), out=str(Path(out)), **settings).validate()
+    return run(config).report
+
+
+# --------------------------------------------------------------------------------------------------
+# Global retraining (PERP's main experiment): the whole pruned model, next-token loss
+RETRAIN_PARAMS = ("bias", "norm", "bias+norm", "scalelora", "masklora", "masklora+norm", "lora-prune", "full")
+# Default learning rates per trained subset, chosen on the testbed (docs/benchmarks.md, "Global
+# retraining"): a handful of norm/bias parameters tolerate a larger step than low-rank factors, and
+# masked full fine-tuning, which moves every kept weight, needs a much smaller one.
+RETRAIN_DEFAULT_LR = {"bias": 1e-2, "norm": 1e-2, "bias+norm": 1e-2, "scalelora": 1e-3, "masklora": 1e-3,
+                      "masklora+norm": 1e-3, "lora-prune": 1e-3, "full": 1e-4}
+
+
+@dataclass
+class RetrainConfig:
+    model: str
+    out: str
+    params: str = "masklora"             # which subset trains (RETRAIN_PARAMS)
+    data: str = "c4"
+    text_field: str = "text"
+    steps: int = 1000
+    batch_size: int = 8                  # windows per optimisation step
+    grad_accum: int = 1                  # the batch is split into this many forward/backward passes
+    seqlen: int = 2048
+    lr: float | None = None              # default: RETRAIN_DEFAULT_LR[params]
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    rank: int = 16
+    alpha: float = 32.0
+    seed: int = 0
+    device: str = field(default_factory=default_device)
+    dtype: str | None = None             # bf16 | fp16 | fp32 for the frozen weights; None = the checkpoint's
+    tokenizer: str | None = None
+    gradient_checkpointing: bool = False
+    eval_every: int = 100                # held-out loss every this many steps (and at start and end)
+    eval_windows: int = 16               # validation windows, from documents never trained on
+    save_every: int = 100                # resumable training state every this many steps (0: never)
+    teacher: str | None = None           # a dense model: adds KL(teacher || student) on the logits
+    distill: float = 1.0                 # weight of the KL term
+    teacher_device: str | None = None    # default: the student's device
+    allow_dense: bool = False            # retrain a checkpoint that has no zeros in its linears
+    overwrite: bool = False
+    resume: bool = False
+    cache_dir: str | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else RETRAIN_DEFAULT_LR[self.params]
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes the output; a resumed run must match it."""
+        ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every"}
+        relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> "RetrainConfig":
+        if self.params not in RETRAIN_PARAMS:
+            raise ConfigError(f"unknown --params {self.params!r}; choose from {', '.join(RETRAIN_PARAMS)}")
+        for name in ("steps", "batch_size", "grad_accum", "seqlen", "rank", "eval_every", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum "
+                              f"{self.grad_accum}: each of the {self.grad_accum} passes needs the same "
+                              "number of windows")
+        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or not 0 <= self.warmup <= 1:
+            raise ConfigError("training needs lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
+        if self.save_every < 0 or self.distill < 0:
+            raise ConfigError("--save-every and --distill must be 0 or more")
+        if self.dtype and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        for device in (self.device, self.teacher_device or self.device):
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        return self
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def retrain(model: str, out: str, **settings) -> dict:
+    """Retrain a pruned `model` globally (next-token loss, a tiny trainable subset, every zero kept)
+    into the checkpoint directory `out`; return the report.
+
+    Settings are the fields of `RetrainConfig`, e.g. `retrain("llama-wanda70", "out", params="masklora",
+    data="c4", steps=1000)`.
+    """
+    from .retrain import run
+
+    unknown = set(settings) - set(RetrainConfig.field_names())
+    if unknown:
+        raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RetrainConfig.field_names()}")
+    config = RetrainConfig(model=str(model), out=str(Path(out)), **settings).validate()
     return run(config).report

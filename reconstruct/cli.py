@@ -7,7 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .api import DTYPES, GRANULARITIES, TARGETS, RunConfig, default_device
+from .api import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig, RunConfig,
+                  default_device)
 from .corrections import choices as correction_choices
 from .pruning import METHODS
 
@@ -83,6 +84,68 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                      help="continue an interrupted run from OUT.partial (same settings required)")
 
 
+def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    d = RetrainConfig(model="", out="")
+    what = parser.add_argument_group("what to retrain")
+    what.add_argument("model", help="a pruned checkpoint (directory or hub id): our prune output, Wanda's or "
+                      "SparseGPT's .bin, llm-compressor's dense or legacy sparse-bitmask output")
+    what.add_argument("--out", required=True, help="output checkpoint directory (written as OUT.partial "
+                      "until complete)")
+    what.add_argument("--params", choices=RETRAIN_PARAMS, default=d.params,
+                      help="what trains: biases, norms, MaskLoRA, ScaleLoRA, LoRA-Prune (a baseline whose "
+                      "merge is masked) or full (every kept weight); pruned weights stay exactly zero "
+                      "(default: %(default)s)")
+    what.add_argument("--allow-dense", action="store_true",
+                      help="retrain a checkpoint whose linears have no zeros (otherwise an error)")
+
+    data = parser.add_argument_group("training data")
+    data.add_argument("--data", default=d.data,
+                      help="c4 | wikitext2 | a local .txt/.jsonl/.parquet file, packed into windows "
+                      "(default: %(default)s)")
+    data.add_argument("--text-field", default=d.text_field, help="text field of .jsonl/.parquet (default: %(default)s)")
+    data.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per window (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=d.seed, help="seeds data order and initialisation (default: %(default)s)")
+    data.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    data.add_argument("--cache-dir", default=None, help="token cache (default: ~/.cache/reconstruct/tokens)")
+
+    loop = parser.add_argument_group("optimisation")
+    loop.add_argument("--steps", type=int, default=d.steps, help="optimisation steps (default: %(default)s)")
+    loop.add_argument("--batch-size", type=int, default=d.batch_size,
+                      help="windows per optimisation step (default: %(default)s)")
+    loop.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                      help="split each batch into this many forward/backward passes (default: %(default)s)")
+    loop.add_argument("--lr", type=float, default=None,
+                      help="AdamW learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in
+                                                                        RETRAIN_DEFAULT_LR.items()) + ")")
+    loop.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    loop.add_argument("--warmup", type=float, default=d.warmup,
+                      help="fraction of steps with linear warm-up, then linear decay (default: %(default)s)")
+    loop.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default: %(default)s)")
+    loop.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; s = alpha/r (default: %(default)s)")
+    loop.add_argument("--gradient-checkpointing", action="store_true",
+                      help="recompute activations in the backward pass: less memory, about a third slower")
+    loop.add_argument("--eval-every", type=int, default=d.eval_every,
+                      help="held-out loss every this many steps (default: %(default)s)")
+    loop.add_argument("--eval-windows", type=int, default=d.eval_windows,
+                      help="validation windows, from documents never trained on (default: %(default)s)")
+
+    teacher = parser.add_argument_group("distillation")
+    teacher.add_argument("--teacher", default=None, help="dense model: add KL(teacher || student) on the logits")
+    teacher.add_argument("--distill", type=float, default=d.distill, help="weight of the KL term (default: %(default)s)")
+    teacher.add_argument("--teacher-device", default=None,
+                         help="where the teacher runs (default: the student's device)")
+
+    run = parser.add_argument_group("resources")
+    run.add_argument("--device", default=default_device(), help="cuda, cuda:1 or cpu (default: %(default)s)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="frozen weights' dtype (default: the checkpoint's); trainable ones are fp32")
+    run.add_argument("--save-every", type=int, default=d.save_every,
+                     help="save a resumable training state every this many steps; 0: never (default: %(default)s)")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from OUT.partial (same settings required)")
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint directory or hub id")
     parser.add_argument("--data", default="wikitext2",
@@ -108,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prune_arguments(commands.add_parser("prune", help="prune (and repair) a model into a new checkpoint"))
+    _add_retrain_arguments(commands.add_parser(
+        "retrain", help="retrain a pruned model globally (next-token loss, a tiny trainable subset), zeros kept"))
     _add_eval_arguments(commands.add_parser("eval", help="perplexity (papers' protocols) and zero-shot accuracy"))
     demo = commands.add_parser("demo", help="build a tiny model offline, prune and repair it, and compare "
                                "perplexities (a smoke test of the whole pipeline)")
@@ -150,6 +215,20 @@ def run_prune(args) -> int:
     return 0
 
 
+def run_retrain(args) -> int:
+    from .api import retrain
+
+    settings = {k: v for k, v in vars(args).items()
+                if k in RetrainConfig.field_names() and k not in ("model", "out")}
+    report = retrain(args.model, args.out, **settings)
+    totals = report["totals"]
+    print(f"wrote {args.out}: {report['params']} ({report['trainable_params']:,} trainable parameters, "
+          f"{100 * report['trainable_fraction']:.3f}%), held-out loss {report['heldout_before']:.4f} -> "
+          f"{report['heldout_after']:.4f} ({'merged' if report['merged'] else 'NOT merged: worse'}), "
+          f"sparsity {totals['sparsity_after']:.4f}, {totals['wall_time_s']:.1f} s")
+    return 0
+
+
 def run_eval(args) -> int:
     from .eval import evaluate
 
@@ -187,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"prune": run_prune, "eval": run_eval, "demo": run_demo}
+    handlers = {"prune": run_prune, "retrain": run_retrain, "eval": run_eval, "demo": run_demo}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

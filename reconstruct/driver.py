@@ -283,7 +283,7 @@ class Driver:
             inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
             progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
         report = self.final_report(state)
-        out = self.run_dir.finish(self.adapter.checkpoint.directory, self.output_config(),
+        out = self.run_dir.finish(self.adapter.checkpoint.directory, self.adapter.output_config(),
                                   state["shards"], report)
         log.info("wrote %s", out)
         return RunResult(report, out, inputs)
@@ -516,7 +516,7 @@ class Driver:
             "pattern": self.config.pattern, "correction": self.config.correction,
             "config": {k: v for k, v in vars(self.config).items()},
             "command": " ".join(sys.argv),
-            "versions": _versions(),
+            "versions": package_versions(),
             "totals": {"wall_time_s": round(time.perf_counter() - self.started, 3),
                        "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,
                        "pruned_sparsity": zeros / total if total else 0.0,
@@ -524,11 +524,6 @@ class Driver:
             "layers": layers,
             "blocks": state["blocks"],
         }
-
-    def output_config(self):
-        config = copy.deepcopy(self.adapter.config)
-        config.dtype = self.adapter.storage_dtype
-        return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,7 +560,7 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     import transformers
 
     return {"reconstruct": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -62,7 +62,8 @@ def relative_error(run: RunBatch, target: RunBatch, batches: list[int]) -> float
     return error / reference if reference > 0 else error
 
 
-def _schedule(optimizer, steps: int, warmup_fraction: float):
+def linear_schedule(optimizer, steps: int, warmup_fraction: float):
+    """Linear warm-up over `warmup_fraction` of the steps, then linear decay to zero."""
     warmup = max(1, int(steps * warmup_fraction))
 
     def factor(step: int) -> float:
@@ -73,7 +74,8 @@ def _schedule(optimizer, steps: int, warmup_fraction: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """Autocast to the frozen weights' half precision, or no autocast for fp32 weights."""
     if dtype in (torch.float16, torch.bfloat16):
         return torch.autocast(device_type=device.type, dtype=dtype)
     return torch.autocast(device_type=device.type, enabled=False)
@@ -120,7 +122,7 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
     if not trainable or options.steps <= 0:
         return "nothing to train"
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
-    scheduler = _schedule(optimizer, options.steps, options.warmup)
+    scheduler = linear_schedule(optimizer, options.steps, options.warmup)
     order: list[int] = []
     for step in range(options.steps):
         if not order:  # a fresh seeded shuffle of the training batches each epoch
@@ -128,7 +130,7 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
         batch = order.pop()
         with torch.no_grad():
             wanted = target(batch).float()
-        with _autocast(device, compute_dtype):
+        with autocast_for(device, compute_dtype):
             output = run(batch)
         loss = nn.functional.mse_loss(output.float(), wanted)
         if not torch.isfinite(loss):

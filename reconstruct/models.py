@@ -9,6 +9,7 @@ a checkpoint names a block's tensors when that differs from the modules' names.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -296,6 +297,12 @@ class ModelAdapter:
         """Return a module's parameters to the meta device, freeing their memory."""
         module.to("meta")
 
+    def output_config(self):
+        """The config written with the output: the input's, with the dtype the tensors are stored in."""
+        config = copy.deepcopy(self.config)
+        config.dtype = self.storage_dtype
+        return config
+
     def stored_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a tensor is written out in: floating point in the storage dtype, others as is."""
         return self.storage_dtype if dtype.is_floating_point else dtype
@@ -355,6 +362,32 @@ class ModelAdapter:
             if param.is_meta and id(param) not in head_only:
                 value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
                 setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+
+    def load_all(self) -> nn.Module:
+        """Materialise every parameter, blocks and head included: global retraining needs the whole
+        model. Tied parameters (an output head sharing the embedding) are loaded once and stay tied."""
+        for index in range(self.num_blocks):
+            self.load_block(index)
+        loaded: dict[int, nn.Parameter] = {}
+        for name, module, leaf, param in self._non_block_parameters():
+            if id(param) not in loaded:
+                value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
+                loaded[id(param)] = nn.Parameter(value, requires_grad=False)
+            setattr(module, leaf, loaded[id(param)])
+        return self.model
+
+    def non_block_tensors(self) -> dict[str, "torch.Tensor | StreamedTensor"]:
+        """Every tensor outside the blocks as it is written out: from the loaded model where the model
+        holds it (a retrained final norm), else copied from the checkpoint a chunk at a time."""
+        in_model = {}
+        for name, tensor in self.model.state_dict().items():
+            if not name.startswith(self.blocks_path + ".") and not tensor.is_meta:
+                try:
+                    in_model[self.checkpoint_name(name)] = tensor
+                except CheckpointError:
+                    continue  # e.g. a tied head, which the checkpoint does not store
+        return {name: self.for_storage(in_model[name]) if name in in_model else self.streamed_copy(name)
+                for name in self.non_block_names()}
 
     def release_embeddings(self) -> None:
         for _, module, leaf, param in self._non_block_parameters():

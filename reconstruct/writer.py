@@ -134,6 +134,10 @@ class RunDirectory:
     def save_shard(self, name: str, tensors: dict[str, "torch.Tensor | StreamedTensor"]) -> None:
         _atomic(self.work / name, lambda p: write_safetensors(p, tensors))
 
+    def save_torch(self, name: str, data) -> None:
+        """A torch-serialisable object (a training state), atomically."""
+        _atomic(self.work / name, lambda p: torch.save(data, p))
+
     def load_state(self) -> dict:
         return json.loads((self.work / "state.json").read_text())
 

@@ -1,0 +1,446 @@
+"""Global retraining (PERP's main experiment): the whole pruned model, the ordinary next-token loss,
+a tiny trainable subset, merged so that every zero of the checkpoint stays exactly +0.0.
+
+    model = the pruned checkpoint, any format `formats` reads; masks = its linears' zeros
+    attach the correction to the model (the same corrections/ as layer-wise repair: one big unit)
+    for each step:
+        loss = next-token cross-entropy on a batch of packed windows [+ distill · KL(teacher ‖ student)]
+        backward, AdamW step, linear schedule with warm-up
+        every --eval-every steps: held-out loss; every --save-every steps: a resumable state
+    judge the merged model on the held-out windows: merge if it is no worse than the input, else
+    keep the input's weights (never worse); write the checkpoint with prune's writer, report, plot
+
+Only the trainable parameters, their optimiser state, the data position and the random state are
+saved while training: the frozen model is the input checkpoint itself.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .api import RetrainConfig
+from .corrections import CorrectionOptions, make_correction
+from .driver import package_versions
+from .fit import autocast_for, linear_schedule
+from .memory import peak_rss_bytes
+from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
+from .writer import RunDirectory
+
+log = logging.getLogger(__name__)
+
+TRAINING_STATE = "train_state.pt"
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (a non-finite loss); the message says where and what to do."""
+
+
+@dataclass
+class RetrainResult:
+    report: dict
+    out: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# The mask and the sparsity of a pruned checkpoint
+def masks_from_zeros(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
+    """Keep-masks (True = non-zero) of every linear in the decoder blocks, by name in the model: the
+    checkpoint's zeros are the mask, found per tensor (no assumption about which layers were pruned)."""
+    masks = {}
+    for index, block in enumerate(adapter.blocks):
+        for name, linear in prunable_linears(block).items():
+            masks[f"{adapter.block_name(index)}.{name}"] = linear.weight.detach() != 0
+    return masks
+
+
+def sparsity_of(model: nn.Module, names) -> dict[str, float]:
+    sparsity = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        sparsity[name] = 1 - int(weight.count_nonzero()) / weight.numel()
+    return sparsity
+
+
+def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
+    """Make each masked linear's zero set exactly its mask, with +0.0 (never −0.0) at pruned entries.
+
+    A kept weight that a correction moved to exactly zero (its storage dtype rounds the sum to 0) is
+    set to the dtype's smallest normal number, so that the zero set stays the mask; returns how many."""
+    rounded = 0
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = model.get_submodule(name).weight
+            weight.masked_fill_(~mask, 0.0)
+            lost = mask & (weight == 0)
+            rounded += int(lost.sum())
+            weight.masked_fill_(lost, torch.finfo(weight.dtype).tiny)
+    return rounded
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied parameters once
+
+
+# --------------------------------------------------------------------------------------------------
+# The losses
+def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Σ over predicted tokens of −log p(next token): a sum, divided once by the batch's token count."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                       reduction="sum")
+
+
+def distillation_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over predicted tokens of KL(teacher ‖ student) on the next-token distributions."""
+    student = nn.functional.log_softmax(student_logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    teacher = nn.functional.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
+    return nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the end of the current step, so that a
+    consistent state can be saved; a second Ctrl-C stops at once."""
+    requested: list[int] = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("stopping after this step (a second Ctrl-C stops at once)")
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:  # not the main thread: signals cannot be caught here
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------------------------------
+class Retrainer:
+    """One retraining run; `run()` is the loop in the module docstring."""
+
+    def __init__(self, config: RetrainConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.started = time.perf_counter()
+        self.correction = make_correction(config.params)
+        self.options = CorrectionOptions(rank=config.rank, alpha=config.alpha)
+
+    # -- set-up: every check before any work -----------------------------------------------------------
+    def open(self) -> None:
+        config = self.config
+        self.adapter = open_model(config.model, config.torch_dtype)
+        self.check_correction_against_model()
+        self.teacher = self.open_teacher() if config.teacher else None
+        self.model = self.adapter.load_all()
+        self.masks = masks_from_zeros(self.adapter)
+        self.sparsity_before = sparsity_of(self.model, self.masks)
+        zeros = sum(self.sparsity_before[n] * m.numel() for n, m in self.masks.items())
+        if zeros == 0 and not config.allow_dense:
+            raise UnsupportedModelError(
+                f"{config.model} has no zeros in the linear layers of its blocks: it is not pruned. Prune "
+                "it first (`reconstruct prune`), or pass --allow-dense to retrain it anyway")
+        self.model_parameters = parameter_count(self.model)
+        self.model.to(self.device)
+        self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
+
+    def check_correction_against_model(self) -> None:
+        """A trial attachment to a weightless copy of the model: `--params bias` on a model without
+        biases fails here, before any weight is read."""
+        trial = copy.deepcopy(self.adapter.model)
+        masks = {f"{self.adapter.block_name(i)}.{name}": torch.ones(linear.weight.shape, dtype=torch.bool,
+                                                                    device="meta")
+                 for i, block in enumerate(self.adapter.blocks) for name, linear in prunable_linears(block).items()}
+        self.correction.attach(trial, masks, self.options, torch.Generator())
+
+    def open_teacher(self) -> nn.Module:
+        """The dense teacher, frozen, in its own dtype on --teacher-device. It costs one more copy of
+        the model's weights in memory (no optimiser state, no activations kept for backward)."""
+        teacher = open_model(self.config.teacher, self.config.torch_dtype)
+        student_vocab = self.adapter.model.get_output_embeddings().weight.shape[0]
+        teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        if student_vocab != teacher_vocab:
+            raise UnsupportedModelError(
+                f"--teacher {self.config.teacher} has a vocabulary of {teacher_vocab} tokens, the student "
+                f"{student_vocab}: distillation compares their next-token distributions, so they must "
+                "share a tokenizer (use the dense model the student was pruned from)")
+        model = teacher.load_all().to(self.config.teacher_device or self.config.device).eval()
+        model.requires_grad_(False)
+        return model
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        source = self.config.tokenizer or self.adapter.checkpoint.directory
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as error:
+            raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
+                                        "with a directory or hub id that has one") from error
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import calib
+
+        config = self.config
+        return calib.training_windows(config.data, self.load_tokenizer(), config.steps * config.batch_size,
+                                      config.eval_windows, config.seqlen, seed=config.seed,
+                                      text_field=config.text_field, cache_dir=config.cache_dir)
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self) -> RetrainResult:
+        config = self.config
+        self.run_dir = RunDirectory(Path(config.out))
+        self.open()
+        self.train_windows, self.validation = self.data()  # bad data fails before anything is written
+        resuming = self.run_dir.prepare(config.overwrite, config.resume)
+        torch.manual_seed(config.seed)  # dropout, where the model has any
+        self.attachment = self.correction.attach(self.model, self.masks, self.options,
+                                                 torch.Generator().manual_seed(config.seed))
+        self.model.requires_grad_(False)
+        for parameter in self.attachment.trainable:
+            parameter.requires_grad_(True)
+        self.trainable = sum(p.numel() for p in self.attachment.trainable)
+        self.optimizer = torch.optim.AdamW(self.attachment.trainable, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = linear_schedule(self.optimizer, config.steps, config.warmup)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.history = {"step": [], "loss": [], "heldout": [], "tokens_per_s": []}
+        step = self.resume() if resuming else 0
+        if not resuming:
+            self.history["heldout"].append([0, self.heldout_loss()])
+        self.train(step)
+        verdict = self.merge_if_not_worse()
+        report = self.final_report(verdict)
+        self.write(report)
+        out = self.run_dir.finish(self.adapter.checkpoint.directory, self.adapter.output_config(),
+                                  self.shards, report)
+        log.info("wrote %s", out)
+        return RetrainResult(report, out)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.adapter.storage_dtype
+
+    # -- training ------------------------------------------------------------------------------------
+    def train(self, first_step: int) -> None:
+        config = self.config
+        progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
+                        desc=f"retrain {config.params}", unit="step", disable=None)
+        tokens_per_step = config.batch_size * config.seqlen
+        self.model.train()
+        with stop_requests() as stop:
+            for step in progress:
+                started = time.perf_counter()
+                loss = self.train_step(step)
+                rate = tokens_per_step / (time.perf_counter() - started)
+                self.history["step"].append(step + 1)
+                self.history["loss"].append(loss)
+                self.history["tokens_per_s"].append(rate)
+                if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                    self.history["heldout"].append([step + 1, self.heldout_loss()])
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+                if stop:
+                    self.save_training_state(step + 1)
+                    raise KeyboardInterrupt
+                if config.save_every and (step + 1) % config.save_every == 0:
+                    self.save_training_state(step + 1)
+        if config.save_every and first_step < config.steps:
+            self.save_training_state(config.steps)  # a run killed while writing resumes here
+
+    def train_step(self, step: int) -> float:
+        """One optimisation step on windows step·B … (step+1)·B; returns the loss (per token)."""
+        config = self.config
+        batch = self.train_windows[step * config.batch_size:(step + 1) * config.batch_size]
+        tokens = batch[:, 1:].numel()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in batch.split(config.micro_batch_size):
+            ids = micro.to(self.device)
+            with autocast_for(self.device, self.compute_dtype):
+                logits = self.model(input_ids=ids, use_cache=False).logits
+            loss = next_token_loss_sum(logits, ids)
+            if self.teacher is not None:
+                loss = loss + config.distill * distillation_sum(logits, self.teacher_logits(ids))
+            loss = loss / tokens
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+            del logits, loss
+        if not math.isfinite(total):
+            saved = self.saved_step()
+            raise TrainingError(
+                f"the loss is not finite at step {step + 1} ({total}); nothing of this step was applied. "
+                + (f"The last good state (step {saved}) is kept in {self.run_dir.work}. " if saved else "")
+                + "Lower --lr (or use bf16 instead of fp16) and run again with --overwrite")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return total
+
+    @torch.no_grad()
+    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        teacher_device = next(self.teacher.parameters()).device
+        with autocast_for(teacher_device, next(self.teacher.parameters()).dtype):
+            return self.teacher(input_ids=ids.to(teacher_device), use_cache=False).logits.to(self.device)
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        """Mean next-token loss on the validation windows (documents never trained on)."""
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for micro in self.validation.split(self.config.micro_batch_size):
+            ids = micro.to(self.device)
+            with autocast_for(self.device, self.compute_dtype):
+                total += float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
+        self.model.train(was_training)
+        return total / self.validation[:, 1:].numel()
+
+    # -- resumable state -----------------------------------------------------------------------------
+    def save_training_state(self, step: int) -> None:
+        state = {"step": step, "fingerprint": self.config.fingerprint(),
+                 "trainable": [p.detach().cpu() for p in self.attachment.trainable],
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                 "history": self.history}
+        self.run_dir.save_torch(TRAINING_STATE, state)
+        self.run_dir.save_state({"fingerprint": self.config.fingerprint(), "step": step,
+                                 "command": "retrain"})
+
+    def saved_step(self) -> int:
+        try:
+            return self.run_dir.load_state().get("step", 0)
+        except (OSError, ValueError):
+            return 0
+
+    def resume(self) -> int:
+        state = self.run_dir.load_state()
+        if state.get("command") != "retrain" or state["fingerprint"] != self.config.fingerprint():
+            raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings "
+                             "(or by another command); rerun without --resume (and with --overwrite if "
+                             "needed) to start over")
+        saved = torch.load(self.run_dir.work / TRAINING_STATE, weights_only=True)
+        with torch.no_grad():
+            for parameter, value in zip(self.attachment.trainable, saved["trainable"], strict=True):
+                parameter.copy_(value.to(parameter.device))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        self.history = saved["history"]
+        log.info("resuming at step %d of %d", saved["step"], self.config.steps)
+        return saved["step"]
+
+    # -- the end -------------------------------------------------------------------------------------
+    def merge_if_not_worse(self) -> dict:
+        """Judge the model exactly as it would be written; merge the correction only if its held-out loss
+        is finite and no worse than the input's (the never-worse guard), else keep the input's weights."""
+        before = self.history["heldout"][0][1]
+        with self.attachment.merged_view():
+            after = self.heldout_loss()
+        merged = math.isfinite(after) and after <= before
+        if merged:
+            self.attachment.merge()
+        else:
+            self.attachment.discard()
+            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
+                        "written unchanged; try a lower --lr", before, after)
+        self.model.requires_grad_(False)
+        self.history["heldout"].append([self.config.steps, after])
+        kept_rounded = restore_exact_zeros(self.model, self.masks)
+        return {"merged": merged, "heldout_before": before, "heldout_after": after,
+                "kept_weights_rounded_to_zero": kept_rounded}
+
+    def write(self, report: dict) -> None:
+        """The blocks' shards and the rest (embeddings, final norm, head), in the input's tensor names."""
+        adapter, total = self.adapter, self.adapter.num_blocks + 1
+        self.shards = []
+        for index in range(adapter.num_blocks):
+            shard = self.run_dir.shard_name(index, total)
+            self.run_dir.save_shard(shard, adapter.module_tensors(adapter.block_name(index)))
+            self.shards.append(shard)
+        rest = self.run_dir.shard_name(adapter.num_blocks, total)
+        self.run_dir.save_shard(rest, adapter.non_block_tensors())
+        self.shards.append(rest)
+        plot_losses(report, self.run_dir.work / "loss.png")
+
+    def final_report(self, verdict: dict) -> dict:
+        config = self.config
+        after = sparsity_of(self.model, self.masks)
+        shapes = {name: list(mask.shape) for name, mask in self.masks.items()}
+        rates = self.history["tokens_per_s"]
+        peak_device = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        total = sum(math.prod(shape) for shape in shapes.values())
+        return {
+            "command": "retrain", "model": config.model, "params": config.params,
+            "config": {**vars(config), "lr": config.learning_rate},
+            "argv": " ".join(sys.argv), "versions": package_versions(),
+            "trainable_params": self.trainable, "model_params": self.model_parameters,
+            "trainable_fraction": self.trainable / self.model_parameters,
+            "tokens_trained": config.steps * config.batch_size * config.seqlen,
+            "totals": {"wall_time_s": round(time.perf_counter() - self.started, 3),
+                       "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+                       "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,
+                       "sparsity_before": sum(self.sparsity_before[n] * math.prod(shapes[n]) for n in shapes) / total,
+                       "sparsity_after": sum(after[n] * math.prod(shapes[n]) for n in shapes) / total},
+            **verdict,
+            "loss_curve": {"step": self.history["step"], "loss": self.history["loss"]},
+            "heldout_loss": self.history["heldout"],
+            "layers": [{"name": name, "shape": shapes[name], "sparsity_before": self.sparsity_before[name],
+                        "sparsity_after": after[name]} for name in self.masks],
+        }
+
+
+def plot_losses(report: dict, path: Path) -> None:
+    """loss.png: the training loss per step and the held-out loss (needs matplotlib: the `plots` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed, so no loss.png was drawn (pip install 'reconstruct[plots]'); "
+                    "the curve is in report.json")
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(report["loss_curve"]["step"], report["loss_curve"]["loss"], lw=0.8, label="training loss")
+    if report["heldout_loss"]:
+        steps, losses = zip(*report["heldout_loss"])
+        axes.plot(steps, losses, "o-", label="held-out loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("next-token loss (nats)")
+    axes.set_title(f"{Path(report['model']).name}: retrain {report['params']}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run(config: RetrainConfig) -> RetrainResult:
+    return Retrainer(config).run()
+
