@@ -287,7 +287,12 @@ class ModelAdapter:
         for name in module.state_dict(keep_vars=True):
             full = f"{module_name}.{name}" if module_name else name
             state[name] = self.checkpoint.get(self.checkpoint_name(full)).to(dtype or self.storage_dtype)
-        module.load_state_dict(state, strict=True, assign=True)
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:  # e.g. a size mismatch: the weights are not the config's model
+            raise CheckpointError(f"{self.checkpoint.directory}: the tensors of {module_name or 'the model'} "
+                                  f"do not fit the architecture its config.json describes ({error}); "
+                                  "the config and the weights belong to different models") from None
         return module
 
     def load_block(self, index: int) -> nn.Module:
@@ -372,6 +377,10 @@ class ModelAdapter:
         for name, module, leaf, param in self._non_block_parameters():
             if id(param) not in loaded:
                 value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
+                if value.shape != param.shape:
+                    raise CheckpointError(f"{self.checkpoint.directory}: {name} has shape {list(value.shape)}, "
+                                          f"its config.json needs {list(param.shape)}; the config and the "
+                                          "weights belong to different models")
                 loaded[id(param)] = nn.Parameter(value, requires_grad=False)
             setattr(module, leaf, loaded[id(param)])
         return self.model
