@@ -34,6 +34,7 @@ class RunConfig:
     sparsity: float | None = None        # default 0.5, or what --pattern implies
     pattern: str | None = None           # "2:4", "4:8": N kept of every M inputs
     layers: list[str] | None = None      # regexes over linear names inside a block; None = all
+    masks_from: str | None = None        # take pruned weights and mask from this checkpoint (pruned elsewhere)
     calib: str = "c4"
     text_field: str = "text"
     nsamples: int = 128
@@ -100,6 +101,9 @@ class RunConfig:
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1); e.g. --sparsity 0.5 zeroes half "
                               "of each layer's weights")
+        if self.masks_from and (self.sparsity is not None or pattern):
+            raise ConfigError("--masks-from takes the mask from the pruned checkpoint; drop --sparsity and "
+                              "--pattern")
         if pattern and self.sparsity is not None and abs(self.sparsity - pattern.sparsity) > 1e-9:
             raise ConfigError(f"--sparsity {self.sparsity} contradicts --pattern {pattern} (which means "
                               f"sparsity {pattern.sparsity:g}); give only one of them")

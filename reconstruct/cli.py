@@ -34,6 +34,10 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                       help="prune only linears whose name inside a block matches one of these regular "
                       "expressions, e.g. 'mlp' or 'q_proj|k_proj' (default: every linear in every block)")
 
+    what.add_argument("--masks-from", default=None, metavar="PRUNED",
+                      help="repair a checkpoint pruned elsewhere: take its pruned weights and zeros (any format "
+                      "retrain reads) and fit the correction against MODEL, the dense model it came from")
+
     data = parser.add_argument_group("calibration data")
     data.add_argument("--calib", default=d.calib,
                       help="c4 | wikitext2 | a local .txt/.jsonl/.parquet file (default: %(default)s)")

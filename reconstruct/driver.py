@@ -93,6 +93,21 @@ def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsi
     return masks, notes
 
 
+def take_pruned_weights(linears: dict[str, nn.Linear], source: ModelAdapter, block_name: str,
+                        keep_masks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`--masks-from`: each linear takes its weight from a checkpoint pruned elsewhere (SparseGPT's
+    updated weights included), and its zeros are the mask; a −0.0 there is written as +0.0."""
+    masks = {}
+    for name, linear in linears.items():
+        weight = source.checkpoint.get(source.checkpoint_name(f"{block_name}.{name}.weight"))
+        weight = weight.to(linear.weight.device, linear.weight.dtype)
+        kept = weight != 0
+        linear.weight.data = weight.masked_fill_(~kept, 0.0)
+        if keep_masks:
+            masks[name] = kept
+    return masks, {}
+
+
 class LayerErrorMeter:
     """Forward hooks measuring each linear's relative output error against its dense weights.
 
@@ -204,6 +219,7 @@ class Driver:
     # -- set-up --------------------------------------------------------------------------------------
     def open(self) -> None:
         self.adapter: ModelAdapter = open_model(self.config.model, self.config.torch_dtype)
+        self.pruned_source = self.open_pruned_source() if self.config.masks_from else None
         self.check_layers_against_model()
         self.check_correction_against_model()
         return_freed_memory()  # what building the skeleton left free: before the first block's peak
@@ -217,6 +233,24 @@ class Driver:
         except Exception as error:
             raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
                                         "with a directory or hub id that has one") from error
+
+    def open_pruned_source(self) -> ModelAdapter:
+        """The checkpoint `--masks-from` names, checked against the dense model before any work: the
+        same family, the same blocks, and every linear of the same shape."""
+        source = open_model(self.config.masks_from, self.config.torch_dtype)
+        if (source.model_type, source.num_blocks) != (self.adapter.model_type, self.adapter.num_blocks):
+            raise UnsupportedModelError(
+                f"--masks-from {self.config.masks_from} is a {source.model_type} with {source.num_blocks} "
+                f"blocks, the dense model a {self.adapter.model_type} with {self.adapter.num_blocks}: pass "
+                "the checkpoint that was pruned from this dense model")
+        for index, block in enumerate(self.adapter.blocks):
+            theirs = prunable_linears(source.blocks[index])
+            for name, linear in prunable_linears(block, self.config.layers).items():
+                if name not in theirs or theirs[name].weight.shape != linear.weight.shape:
+                    raise UnsupportedModelError(
+                        f"--masks-from {self.config.masks_from}: block {index} {name} does not match the dense "
+                        "model's; pass the checkpoint that was pruned from this dense model")
+        return source
 
     def check_correction_against_model(self) -> None:
         """Fail before any work if the correction cannot attach to a fitting unit (e.g. bias training on
@@ -372,7 +406,8 @@ class Driver:
         fit_inputs = dense_inputs if config.target == "none" else inputs
         needs_targets = self.correction is not None or dense_inputs is not None
         targets = self.stores.create(f"targets-{index:05d}", shape, inputs.dtype) if needs_targets else None
-        stats = observe(block, fit_inputs, call, linears, self.method.needs_hessian, self.batch_size,
+        observed = {} if self.pruned_source else linears  # --masks-from: no statistics needed
+        stats = observe(block, fit_inputs, call, observed, self.method.needs_hessian, self.batch_size,
                         self.device, targets)
         if config.target == "dense":
             replay(block, dense_inputs, call, self.batch_size, self.device, targets)
@@ -384,8 +419,12 @@ class Driver:
         return_freed_memory()  # the forward pass's small freed tensors, before pruning's peak
 
         # 2. Prune every linear of the block.
-        masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name,
-                                     keep_masks=self.correction is not None)
+        if self.pruned_source:
+            masks, notes = take_pruned_weights(linears, self.pruned_source, name,
+                                               keep_masks=self.correction is not None)
+        else:
+            masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name,
+                                         keep_masks=self.correction is not None)
         del stats
         return_freed_memory()
 
@@ -512,7 +551,9 @@ class Driver:
         zeros = sum(e["sparsity"] * math.prod(e["shape"]) for e in layers)
         peak_device = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0)
         return {
-            "model": self.config.model, "method": self.config.method, "sparsity": self.sparsity,
+            "model": self.config.model,
+            "method": f"masks-from {self.config.masks_from}" if self.config.masks_from else self.config.method,
+            "sparsity": None if self.config.masks_from else self.sparsity,
             "pattern": self.config.pattern, "correction": self.config.correction,
             "config": {k: v for k, v in vars(self.config).items()},
             "command": " ".join(sys.argv),

@@ -341,3 +341,40 @@ def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text,
         retrain(pruned_models["llama"][1], tmp_path / "out", **settings(sample_text, token_cache, steps=10))
     assert not (tmp_path / "out").exists()
     assert json.loads((tmp_path / "out.partial" / "state.json").read_text())["step"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-wise repair of a checkpoint pruned elsewhere
+def test_masks_from_repairs_layer_wise_with_exactly_the_pruned_zeros(pruned_models, prune_tiny, tmp_path):
+    """SparseGPT's output (updated weights, zeros) saved as a reference-code .bin with −0.0 zeros, then
+    `prune DENSE --masks-from PRUNED`: exactly PRUNED's zeros, +0.0, and the blocks repaired."""
+    dense, _ = pruned_models["llama"]
+    sparsegpt = tmp_path / "sparsegpt"
+    prune_tiny(dense, sparsegpt, method="sparsegpt", sparsity=0.6)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(sparsegpt, elsewhere)
+    tensors = saved_tensors(sparsegpt)
+    as_saved = {n: (t.masked_fill(t == 0, -0.0) if ".layers." in n else t) for n, t in tensors.items()}
+    for shard in elsewhere.glob("*.safetensors*"):
+        shard.unlink()
+    (elsewhere / "model.safetensors.index.json").unlink(missing_ok=True)
+    torch.save(as_saved, elsewhere / "pytorch_model.bin")
+
+    report = prune_tiny(dense, tmp_path / "repaired", masks_from=str(elsewhere), correction="masklora",
+                        steps=50, lr=3e-3, rank=8, nsamples=16)
+    assert report["method"] == f"masks-from {elsewhere}"
+    repaired = saved_tensors(tmp_path / "repaired")
+    assert_same_zero_set(tensors, repaired)
+    assert any(block["merged"] for block in report["blocks"]), report["blocks"]
+    unchanged = prune_tiny(dense, tmp_path / "taken", masks_from=str(elsewhere))  # no correction: the weights
+    taken = saved_tensors(tmp_path / "taken")
+    assert all(torch.equal(taken[n], tensors[n]) for n in tensors)
+    assert unchanged["totals"]["pruned_sparsity"] == pytest.approx(report["totals"]["pruned_sparsity"])
+
+
+def test_masks_from_another_model_is_refused(pruned_models, tiny_checkpoint, prune_tiny, tmp_path):
+    other = tiny_checkpoint("llama", hidden_size=64, intermediate_size=96)
+    with pytest.raises(UnsupportedModelError, match="does not match the dense model"):
+        prune_tiny(pruned_models["llama"][0], tmp_path / "out", masks_from=str(other))
+    with pytest.raises(ConfigError, match="drop --sparsity"):
+        prune_tiny(pruned_models["llama"][0], tmp_path / "out", masks_from=str(other), sparsity=0.5)
