@@ -1,7 +1,8 @@
 """`reconstruct sweep GRID.yaml`: a grid of prune + eval cells, run resumably, summarised in tables and plots.
 
     grid  = load_grid(GRID.yaml)        # every setting checked before anything runs
-    cells = each model's dense baseline, then models x methods x sparsities x corrections x seeds
+    cells = each model's dense baseline, then models x methods x sparsities x corrections x seeds,
+            each prune cell followed by its chained retrain cells (one per `retrain: params`)
     for each cell:
         finished (result.json there)  -> skipped
         otherwise                     -> prune into cells/<id>/checkpoint, evaluate, write result.json last
@@ -13,6 +14,8 @@ The output directory:
     DIR/grid.yaml                  the grid this directory was last run with (a copy)
     DIR/cells/<id>/cell.json       the settings the cell was started with
     DIR/cells/<id>/checkpoint/     the pruned model (deleted after evaluation unless keep_checkpoints)
+    DIR/cells/<id>-retrain_<p>/    a chained cell: the prune cell's checkpoint retrained with --params p
+                                   (its own prune in pruned/ when that checkpoint is gone)
     DIR/cells/<id>/report.json     the prune report (a copy of checkpoint/report.json)
     DIR/cells/<id>/eval.json       what `reconstruct eval` returned
     DIR/cells/<id>/result.json     written atomically, last: its presence marks the cell finished
@@ -51,7 +54,7 @@ import yaml
 
 from calib.sources import is_hub_source, local_file
 
-from .api import ConfigError, RunConfig, default_device, prune
+from .api import ConfigError, RetrainConfig, RunConfig, default_device, prune, retrain
 from .eval import LM_EVAL_INSTALL_COMMAND, evaluate
 from .pruning import NMPattern, PruningError
 
@@ -71,7 +74,9 @@ GRID_OWNED_PRUNE_SETTINGS = frozenset({"model", "out", "method", "sparsity", "pa
 EVAL_SETTINGS = frozenset({"data", "seqlen", "tasks", "batch_size", "limit", "include_path", "device",
                            "dtype", "text_field", "cache_dir"})
 TOP_LEVEL_KEYS = frozenset({"models", "methods", "sparsities", "corrections", "seeds", "prune", "eval",
-                            "keep_checkpoints"})
+                            "keep_checkpoints", "retrain"})
+# Retrain settings that the grid or the sweep sets per cell: not allowed under `retrain:` (besides params).
+GRID_OWNED_RETRAIN_SETTINGS = frozenset({"model", "out", "overwrite", "resume"})
 PLOT_DPI = 100
 
 
@@ -122,6 +127,15 @@ class Cell:
     prune_settings: dict = field(hash=False)  # api.prune's keyword arguments, without model and out
     eval_settings: dict = field(hash=False)   # evaluate's keyword arguments, without model and data
     data: tuple[Named, ...] = ()
+    retrain_settings: dict | None = field(default=None, hash=False)  # chained: api.retrain's, params included
+    pruned_by: str | None = None              # chained: the id of the prune cell whose checkpoint it retrains
+
+    @property
+    def label(self) -> str:
+        """The correction column of the tables: the prune's correction, then what retrained it."""
+        if self.retrain_settings:
+            return f"{self.correction} + retrain {self.retrain_settings['params']}"
+        return self.correction
 
     @property
     def is_dense(self) -> bool:
@@ -139,7 +153,12 @@ class Cell:
         if not self.is_dense:
             config = asdict(RunConfig(model=self.model.location, out="", **self.prune_settings))
             prune_settings = {k: v for k, v in config.items() if k not in ("model", "out", "overwrite", "resume")}
+        retrain_settings = {}
+        if self.retrain_settings:
+            config = asdict(RetrainConfig(model="", out="", **self.retrain_settings))
+            retrain_settings = {k: v for k, v in config.items() if k not in GRID_OWNED_RETRAIN_SETTINGS}
         return _json_normalised({"model": self.model.location, "method": self.method,
+                                 **({"retrain": significant(retrain_settings)} if retrain_settings else {}),
                                  "prune": significant(prune_settings),
                                  "eval": significant(self.eval_settings),
                                  "data": {source.name: source.location for source in self.data}})
@@ -156,6 +175,8 @@ class Grid:
     eval: dict
     data: list[Named]
     keep_checkpoints: bool = False
+    retrain: dict = field(default_factory=dict)   # settings shared by the chained retrain cells
+    retrain_params: list[str] = field(default_factory=list)
 
     def cells(self) -> list[Cell]:
         """Each model's dense baseline first (so that it is there early), then its pruned cells."""
@@ -170,11 +191,19 @@ class Grid:
                         for seed in self.seeds:
                             settings = {**self.prune, "method": method, **sparsity.prune_settings(),
                                         "correction": correction, "seed": seed}
-                            cells.append(Cell(
+                            pruned = Cell(
                                 id=_cell_id(model.name, method, sparsity.token, correction, f"seed{seed}"),
                                 model=model, method=method, sparsity=sparsity, correction=correction,
                                 seed=seed, prune_settings=settings, eval_settings=self.eval,
-                                data=tuple(self.data)))
+                                data=tuple(self.data))
+                            cells.append(pruned)
+                            for params in self.retrain_params:
+                                cells.append(Cell(
+                                    id=f"{pruned.id}-{_cell_id(f'retrain_{params}')}", model=model, method=method,
+                                    sparsity=sparsity, correction=correction, seed=seed,
+                                    prune_settings=settings, eval_settings=self.eval, data=tuple(self.data),
+                                    retrain_settings={**self.retrain, "params": params, "seed": seed},
+                                    pruned_by=pruned.id))
         return cells
 
 
@@ -206,6 +235,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         eval=_eval_settings(raw.get("eval") or {}, prune_settings),
         data=_eval_sources(raw.get("eval") or {}),
         keep_checkpoints=_parse_bool(raw.get("keep_checkpoints", False), "keep_checkpoints"),
+        **_retrain_settings(raw.get("retrain")),
     )
     if not grid.data and not grid.eval.get("tasks"):
         raise ConfigError(f"{path}: eval needs `data` (perplexity sources) or `tasks` (zero-shot), or both")
@@ -312,6 +342,28 @@ def _prune_settings(raw: dict) -> dict:
     return settings
 
 
+def _retrain_settings(raw) -> dict:
+    """`retrain: {params: [norm, masklora], steps: 1000, data: c4, ...}`: chained retrain cells."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or "params" not in raw:
+        raise ConfigError("`retrain:` must be a mapping with a `params` list, e.g. {params: [norm, masklora], "
+                          "data: c4, steps: 1000}")
+    params = raw["params"] if isinstance(raw["params"], list) else [raw["params"]]
+    settings = {k: v for k, v in raw.items() if k != "params"}
+    owned = set(settings) & (GRID_OWNED_RETRAIN_SETTINGS | {"seed"})
+    if owned:
+        raise ConfigError(f"retrain settings {sorted(owned)} are set by the sweep (the seed is each cell's); "
+                          "remove them from `retrain:`")
+    unknown = set(settings) - set(RetrainConfig.field_names())
+    if unknown:
+        raise ConfigError(f"unknown retrain settings {sorted(unknown)}; known: {sorted(RetrainConfig.field_names())}")
+    for key in ("data", "tokenizer", "cache_dir", "teacher"):
+        if isinstance(settings.get(key), str):
+            settings[key] = _local_path_or_name(settings[key])
+    return {"retrain": settings, "retrain_params": [str(p) for p in params]}
+
+
 def _eval_settings(raw: dict, prune_settings: dict) -> dict:
     """evaluate()'s keyword arguments other than the model and the data sources."""
     if not isinstance(raw, dict):
@@ -351,6 +403,8 @@ def _check_prune_settings(grid: Grid) -> None:
             continue
         try:
             RunConfig(model=cell.model.location, out=cell.id, **cell.prune_settings).validate()
+            if cell.retrain_settings:
+                RetrainConfig(model=cell.model.location, out=cell.id, **cell.retrain_settings).validate()
         except ConfigError as error:
             raise ConfigError(f"cell {cell.id}: {error}") from None
 
@@ -483,7 +537,13 @@ def run_sweep(grid: Grid, out: Path, dry_run: bool = False, grid_file: Path | No
         try:
             for number, directory in enumerate(directories, start=1):
                 print(f"[{number}/{len(directories)}] {directory.cell.id}", flush=True)
-                status, detail = run_cell(directory, grid.keep_checkpoints)
+                # A prune cell's checkpoint stays until its chained retrain cells have used it.
+                keep = grid.keep_checkpoints or bool(grid.retrain_params and not directory.cell.pruned_by)
+                status, detail = run_cell(directory, keep)
+                following = directories[number] if number < len(directories) else None
+                if (directory.cell.pruned_by and not grid.keep_checkpoints
+                        and (following is None or following.cell.pruned_by != directory.cell.pruned_by)):
+                    CellDirectory(out, _cell_by_id(cells, directory.cell.pruned_by)).remove_checkpoint()
                 print(f"[{number}/{len(directories)}] {directory.cell.id}: {status} {detail}", flush=True)
                 if status == "failed":
                     failed.append(directory.cell.id)
@@ -499,6 +559,10 @@ def run_sweep(grid: Grid, out: Path, dry_run: bool = False, grid_file: Path | No
               f"{', '.join(failed)}; rerun the same command to retry them")
         return EXIT_SOME_CELLS_FAILED
     return 0
+
+
+def _cell_by_id(cells: list[Cell], cell_id: str) -> Cell:
+    return next(cell for cell in cells if cell.id == cell_id)
 
 
 def _refuse_changed_cells(directories: list[CellDirectory], out: Path) -> None:
@@ -542,7 +606,9 @@ def prune_and_evaluate(directory: CellDirectory) -> dict:
     """Prune (unless dense, or already complete), evaluate; return the cell's result record."""
     cell = directory.cell
     model_location = cell.model.location
-    if not cell.is_dense:
+    if cell.retrain_settings:
+        model_location = str(retrain_chained(directory))
+    elif not cell.is_dense:
         if not directory.prune_is_complete():
             _reset_peak_memory()
             # resume=True continues from checkpoint.partial when an earlier attempt left one (its
@@ -558,6 +624,23 @@ def prune_and_evaluate(directory: CellDirectory) -> dict:
             "zero_shot": evaluation.get("zero_shot"),
             "eval_time_s": round(time.perf_counter() - started, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def retrain_chained(directory: CellDirectory) -> Path:
+    """A chained cell: retrain its prune cell's checkpoint (or, when that is gone, its own prune of the
+    same settings in pruned/) into checkpoint/; return the checkpoint."""
+    cell = directory.cell
+    source = directory.path.parent / cell.pruned_by / "checkpoint"
+    if not (source / "report.json").exists():
+        source = directory.path / "pruned"
+        if not (source / "report.json").exists():
+            prune(cell.model.location, str(source), **cell.prune_settings, overwrite=True, resume=True)
+    if not directory.prune_is_complete():
+        _reset_peak_memory()
+        retrain(str(source), str(directory.checkpoint), **cell.retrain_settings, overwrite=True, resume=True)
+    shutil.copyfile(directory.checkpoint / "report.json", directory.report)
+    shutil.rmtree(directory.path / "pruned", ignore_errors=True)
+    return directory.checkpoint
 
 
 def _free_memory() -> None:
@@ -621,7 +704,7 @@ def result_row(directory: CellDirectory, grid: Grid) -> dict:
     row = {"cell": cell.id, "model": cell.model.name, "method": cell.method,
            "sparsity": cell.sparsity.value if cell.sparsity else 0.0,
            "pattern": cell.sparsity.pattern if cell.sparsity else None,
-           "correction": cell.correction, "seed": cell.seed, "status": directory.state()}
+           "correction": cell.label, "seed": cell.seed, "status": directory.state()}
     for source in grid.data:
         row[f"ppl_{source.name}"] = None
     for task in grid.eval.get("tasks") or []:
@@ -642,7 +725,9 @@ def result_row(directory: CellDirectory, grid: Grid) -> dict:
             row[f"acc_{task}"] = value
         row["zero_shot_mean"] = result["zero_shot"]["mean_acc"]
     row["eval_time_s"] = result["eval_time_s"]
-    if not cell.is_dense:
+    if cell.retrain_settings:
+        row.update(_retrain_summary(_read_json(directory.report)))
+    elif not cell.is_dense:
         row.update(_prune_summary(_read_json(directory.report)))
     return row
 
@@ -656,6 +741,15 @@ def _prune_summary(report: dict) -> dict:
             "heldout_before": statistics.fmean(b["heldout_before"] for b in corrected) if corrected else None,
             "heldout_after": statistics.fmean(b["heldout_after"] for b in corrected) if corrected else None,
             "reverted_blocks": len(totals["reverted_blocks"]) if corrected else None}
+
+
+def _retrain_summary(report: dict) -> dict:
+    totals = report["totals"]
+    return {"achieved_sparsity": totals["sparsity_after"], "prune_time_s": totals["wall_time_s"],
+            "peak_host_gib": totals["peak_host_rss_bytes"] / 2**30,
+            "peak_device_gib": totals["peak_device_bytes"] / 2**30,
+            "heldout_before": report["heldout_before"], "heldout_after": report["heldout_after"],
+            "reverted_blocks": None if report["merged"] else "all"}
 
 
 def write_tables(directories: list[CellDirectory], grid: Grid, out: Path) -> None:
@@ -718,8 +812,10 @@ def _metric_table(rows: list[dict], column: str, grid: Grid) -> list[str]:
     dense = _aggregate([row for row in rows if row["method"] == DENSE], column)
     table = ["| method | correction | dense | " + " | ".join(s.label for s in sparsities) + " |",
              "|---|---|---:|" + "---:|" * len(sparsities)]
+    labels = [label for correction in grid.corrections
+              for label in [correction, *(f"{correction} + retrain {p}" for p in grid.retrain_params)]]
     for method in grid.methods:
-        for correction in grid.corrections:
+        for correction in labels:
             entries = [_aggregate([row for row in rows if row["method"] == method
                                    and row["correction"] == correction and _same_sparsity(row, s)], column)
                        for s in sparsities]
@@ -875,7 +971,7 @@ def _heldout_blocks(directories: list[CellDirectory], method: str, sparsity: Spa
     """(seed, corrected blocks of its report) for the first finished matching cell, if any."""
     for directory in directories:
         cell = directory.cell
-        if (cell.method, cell.sparsity, cell.correction) != (method, sparsity, correction):
+        if (cell.method, cell.sparsity, cell.correction) != (method, sparsity, correction) or cell.pruned_by:
             continue
         if directory.state() != "finished":
             continue

@@ -225,3 +225,28 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, files, monkeypatch, caps
     printed = capsys.readouterr().out
     assert "pending   llama-magnitude-2of4-masklora-seed0" in printed and "5 cells, 5 to run" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_chained_retrain_cells_reuse_the_prune_checkpoint(tmp_path, files, monkeypatch):
+    """`retrain: {params: [...]}`: each prune cell is followed by a retrain cell per params, which
+    retrains that cell's checkpoint (pruned once), then the checkpoint goes; the table has the rows."""
+    grid = write_grid(tmp_path, files, sparsities=[0.5], corrections=["none"],
+                      retrain={"params": ["norm", "masklora"], "data": str(files["calib"]), "steps": 2,
+                               "batch_size": 2, "seqlen": 32, "eval_windows": 1, "device": "cpu"})
+    ids = [cell.id for cell in sweep.load_grid(grid).cells()]
+    assert ids == ["llama-dense", "llama-magnitude-0.5-none-seed0", "llama-magnitude-0.5-none-seed0-retrain_norm",
+                   "llama-magnitude-0.5-none-seed0-retrain_masklora"]
+    pruned, retrained = Recorder(sweep.prune), Recorder(sweep.retrain)
+    monkeypatch.setattr(sweep, "prune", pruned)
+    monkeypatch.setattr(sweep, "retrain", retrained)
+    out = tmp_path / "out"
+    assert cli(["sweep", str(grid), "--out", str(out)]) == 0
+    assert len(pruned.calls) == 1 and len(retrained.calls) == 2
+    rows = {row["cell"]: row for row in read_csv(out / "results.csv")}
+    chained = rows["llama-magnitude-0.5-none-seed0-retrain_masklora"]
+    assert chained["status"] == "finished" and chained["correction"] == "none + retrain masklora"
+    assert float(chained["achieved_sparsity"]) == pytest.approx(0.5) and float(chained["ppl_eval"]) > 1
+    assert "| magnitude | none + retrain norm |" in (out / "results.md").read_text()
+    assert not list(out.glob("cells/*/checkpoint*")) and not list(out.glob("cells/*/pruned"))
+    bad = write_grid(tmp_path, files, retrain={"params": ["norm"], "seed": 3})
+    assert cli(["sweep", str(bad), "--out", str(tmp_path / "bad")]) == 2

@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Benchmark of global retraining (`reconstruct retrain`) on the testbed models.
+
+quality: prune each testbed model (magnitude 50%, Wanda 70%), retrain it with each trainable subset
+    and report held-out perplexity beside dense, the pruned model and the layer-wise default
+    (`reconstruct prune` with its default correction). Defaults: 290 steps x 8 windows x 256
+    tokens = 593,920 training tokens (the issue's budget is 600k), each subset at its default
+    learning rate. Results are kept in RESULTS.json as they come: an interrupted run continues.
+speed: tokens/s of one training step, side by side in one run, each configuration in its own
+    process (so peak memory is its own): our MaskLoRA against plain PEFT LoRA (same rank, model,
+    batch), norm against full, each with and without gradient checkpointing.
+
+    python scripts/make_testbed.py                      # once: the testbed models
+    python scripts/bench_retrain.py quality --markdown docs/retrain-quality.md
+    python scripts/bench_retrain.py speed               # needs peft (pip install peft)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import TESTBED, heldout_perplexity  # noqa: E402
+
+PRUNINGS = (("magnitude", 0.5), ("wanda", 0.7))
+SUBSETS = {"llama": ("norm", "masklora", "full"), "opt": ("norm", "bias+norm", "masklora", "full")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality
+def quality(args) -> None:
+    from reconstruct.api import prune, retrain
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / "RESULTS.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+
+    def record(key, compute):
+        if key not in results:
+            started = time.perf_counter()
+            results[key] = {**compute(), "seconds": round(time.perf_counter() - started, 1)}
+            results_file.write_text(json.dumps(results, indent=1))
+            print(key, results[key], flush=True)
+        return results[key]
+
+    calib, test = str(TESTBED / "train.txt"), TESTBED / "test.txt"
+    for family in args.models.split(","):
+        dense = TESTBED / family
+        record(f"{family}|dense", lambda: {"ppl": heldout_perplexity(dense, test, args.seqlen)})
+        for method, sparsity in PRUNINGS:
+            pruned = work / f"{family}-{method}{sparsity}"
+            if not (pruned / "config.json").exists():
+                prune(str(dense), str(pruned), method=method, sparsity=sparsity, correction="none", calib=calib,
+                      nsamples=128, seqlen=args.seqlen, device=args.device, overwrite=True)
+            record(f"{family}|{method}{sparsity}|pruned", lambda: {"ppl": heldout_perplexity(pruned, test, args.seqlen)})
+
+            def layerwise():
+                out = work / "layerwise"
+                prune(str(dense), str(out), method=method, sparsity=sparsity, calib=calib, nsamples=128,
+                      seqlen=args.seqlen, device=args.device, overwrite=True)
+                return {"ppl": heldout_perplexity(out, test, args.seqlen)}
+            record(f"{family}|{method}{sparsity}|layer-wise default", layerwise)
+
+            for params in SUBSETS[family]:
+                for lr in args.lr:
+                    def retrained():
+                        out = work / "retrained"
+                        report = retrain(str(pruned), str(out), params=params, data=calib, steps=args.steps,
+                                         batch_size=args.batch_size, seqlen=args.seqlen, lr=lr,
+                                         device=args.device, overwrite=True, eval_every=args.steps,
+                                         eval_windows=16, save_every=0)
+                        return {"ppl": heldout_perplexity(out, test, args.seqlen), "merged": report["merged"],
+                                "lr": report["config"]["lr"], "tokens": report["tokens_trained"],
+                                "tokens_per_s": report["totals"]["tokens_per_s"],
+                                "trainable_fraction": report["trainable_fraction"],
+                                "sparsity": report["totals"]["sparsity_after"]}
+                    record(f"{family}|{method}{sparsity}|{params}|lr={lr}", retrained)
+    table = render(results, args)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
+def render(results: dict, args) -> str:
+    lines = [f"Held-out perplexity (testbed `test.txt`, seqlen {args.seqlen}); retraining: {args.steps} steps x "
+             f"{args.batch_size} x {args.seqlen} tokens of `train.txt`. In brackets: the share of the "
+             "pruned-to-dense gap closed.", ""]
+    for family in args.models.split(","):
+        dense = results.get(f"{family}|dense", {}).get("ppl")
+        if dense is None:
+            continue
+        columns = ["pruned", "layer-wise default"] + [f"{p}|lr={lr}" for p in SUBSETS[family] for lr in args.lr]
+        names = ["pruned", "layer-wise default"] + [
+            p + (f" (lr {lr:g})" if lr is not None else "") for p in SUBSETS[family] for lr in args.lr]
+        lines += [f"**{family}**, dense {dense:.2f}", "", "| pruning | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for method, sparsity in PRUNINGS:
+            pruned = results.get(f"{family}|{method}{sparsity}|pruned", {}).get("ppl")
+            row = [f"{method} {sparsity:g}"]
+            for column in columns:
+                cell = results.get(f"{family}|{method}{sparsity}|{column}")
+                if not cell:
+                    row.append("")
+                    continue
+                gap = (pruned - cell["ppl"]) / (pruned - dense) if pruned and column != "pruned" else None
+                mark = "" if cell.get("merged", True) else " (not merged)"
+                row.append(f"{cell['ppl']:.2f}" + (f" ({100 * gap:.0f}%)" if gap is not None else "") + mark)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed: one process per configuration
+SPEED_CONFIGS = ["peft-lora", "masklora", "norm", "full", "peft-lora+gc", "masklora+gc", "norm+gc", "full+gc"]
+
+
+def speed(args) -> None:
+    rows = []
+    for config in args.configs.split(","):
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        result = subprocess.run([sys.executable, __file__, "speed-worker", "--config", config,
+                                 "--model", str(args.model), "--batch-size", str(args.batch_size),
+                                 "--seqlen", str(args.seqlen), "--steps", str(args.steps)],
+                                capture_output=True, text=True, env=env)
+        if result.returncode:
+            raise SystemExit(f"{config} failed:\n{result.stderr[-3000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    by_name = {row["config"]: row for row in rows}
+    lines = [f"Training speed on `{Path(args.model).name}` (CPU, {args.threads} thread(s)), batch {args.batch_size} x "
+             f"{args.seqlen} tokens, median of {args.steps} steps after 2 warm-up steps; each configuration in "
+             "its own process.", "", "| configuration | tokens/s | step (s) | peak RSS (MiB) | trainable |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['config']} | {row['tokens_per_s']:,.0f} | {row['step_s']:.3f} | "
+                     f"{row['peak_rss_mib']:.0f} | {row['trainable']:,} |")
+    for ours, anchor in (("masklora", "peft-lora"), ("norm", "full"), ("masklora+gc", "peft-lora+gc")):
+        if ours in by_name and anchor in by_name:
+            lines.append(f"\n{ours} / {anchor} tokens/s: **{by_name[ours]['tokens_per_s'] / by_name[anchor]['tokens_per_s']:.2f}x**")
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
+def speed_worker(args) -> None:
+    """One configuration: load the model, zero half of each block linear (magnitude), attach, time."""
+    from transformers import AutoModelForCausalLM
+
+    from reconstruct.corrections import CorrectionOptions, make_correction
+    from reconstruct.memory import peak_rss_bytes
+    from reconstruct.retrain import next_token_loss_sum
+
+    name, _, checkpointing = args.config.partition("+gc")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    masks = {}
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in module_name:
+                weight = module.weight
+                weight[weight.abs() <= weight.abs().flatten().kthvalue(weight.numel() // 2).values] = 0
+                masks[module_name] = weight != 0
+    model.requires_grad_(False)
+    if name == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n in masks})
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    else:
+        attachment = make_correction(name).attach(model, masks, CorrectionOptions(rank=16, alpha=32),
+                                                  torch.Generator().manual_seed(0))
+        trainable = attachment.trainable
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    times = []
+    for step in range(args.steps + 2):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = next_token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids) / ids[:, 1:].numel()
+        loss.backward()
+        optimizer.step()
+        if step >= 2:
+            times.append(time.perf_counter() - started)
+    step_s = statistics.median(times)
+    print(json.dumps({"config": args.config, "step_s": step_s, "tokens_per_s": args.batch_size * args.seqlen / step_s,
+                      "peak_rss_mib": peak_rss_bytes() / 2**20, "trainable": sum(p.numel() for p in trainable)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    q = commands.add_parser("quality")
+    q.add_argument("--models", default="llama,opt")
+    q.add_argument("--steps", type=int, default=290)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--seqlen", type=int, default=256)
+    q.add_argument("--lr", type=lambda text: [None if v == "default" else float(v) for v in text.split(",")],
+                   default=[None], help="comma-separated learning rates, 'default' for each subset's default")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.add_argument("--workdir", default="/tmp/reconstruct-bench-retrain")
+    q.add_argument("--markdown", default=None)
+    for name in ("speed", "speed-worker"):
+        s = commands.add_parser(name)
+        s.add_argument("--model", default=str(TESTBED / "llama"))
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--seqlen", type=int, default=256)
+        s.add_argument("--steps", type=int, default=8)
+        s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--configs", default=",".join(SPEED_CONFIGS))
+        s.add_argument("--config", default="masklora")
+        s.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+    {"quality": quality, "speed": speed, "speed-worker": speed_worker}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
