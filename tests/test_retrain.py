@@ -78,6 +78,18 @@ def test_every_params_keeps_the_zero_set(family, params, pruned_models, sample_t
     assert frozen and not set(frozen) & set(changed)  # embeddings and head are frozen
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_frozen_weights(dtype, pruned_models, sample_text, token_cache, tmp_path):
+    """bf16 under autocast, fp16 with a gradient scaler: the zero set is kept, the output in that dtype."""
+    _, pruned = pruned_models["llama"]
+    report = retrain(pruned, tmp_path / "out", params="masklora+norm", dtype=dtype,
+                     **settings(sample_text, token_cache, lr=3e-3))
+    after = saved_tensors(tmp_path / "out")
+    assert after["model.layers.0.mlp.up_proj.weight"].dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert_same_zero_set(saved_tensors(pruned), after)
+    assert report["merged"]
+
+
 def test_bias_on_a_model_without_biases_fails_before_any_work(pruned_models, sample_text, token_cache,
                                                               tmp_path):
     with pytest.raises(CorrectionError, match="no biases"):
