@@ -30,14 +30,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import TESTBED, heldout_perplexity  # noqa: E402
 
-PRUNINGS = (("magnitude", 0.5), ("wanda", 0.7))
-SUBSETS = {"llama": ("norm", "masklora", "full"), "opt": ("norm", "bias+norm", "masklora", "full")}
+PRUNINGS = {"magnitude0.5": ("magnitude", 0.5), "wanda0.7": ("wanda", 0.7)}
+# family:pruning:params[:lr]; most important first (an interrupted run keeps what it finished).
+DEFAULT_CELLS = ("llama:wanda0.7:masklora llama:wanda0.7:norm llama:wanda0.7:full llama:magnitude0.5:norm "
+                 "llama:magnitude0.5:masklora opt:magnitude0.5:bias+norm opt:magnitude0.5:norm "
+                 "opt:wanda0.7:masklora opt:wanda0.7:bias+norm opt:wanda0.7:full llama:magnitude0.5:full "
+                 "opt:magnitude0.5:masklora")
+LR_SWEEP = ("llama:wanda0.7:masklora:3e-3 llama:wanda0.7:masklora:3e-4 llama:wanda0.7:norm:3e-3 "
+            "llama:wanda0.7:norm:3e-2 llama:wanda0.7:full:3e-4 llama:wanda0.7:full:3e-5")
 
 
 # --------------------------------------------------------------------------------------------------
 # Quality
 def quality(args) -> None:
-    from reconstruct.api import prune, retrain
+    from reconstruct.api import RETRAIN_DEFAULT_LR, prune, retrain
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -53,69 +59,61 @@ def quality(args) -> None:
         return results[key]
 
     calib, test = str(TESTBED / "train.txt"), TESTBED / "test.txt"
-    for family in args.models.split(","):
+    for cell in args.cells.split():
+        family, pruning, params, *lr = cell.split(":")
+        lr = float(lr[0]) if lr else RETRAIN_DEFAULT_LR[params]
+        method, sparsity = PRUNINGS[pruning]
         dense = TESTBED / family
         record(f"{family}|dense", lambda: {"ppl": heldout_perplexity(dense, test, args.seqlen)})
-        for method, sparsity in PRUNINGS:
-            pruned = work / f"{family}-{method}{sparsity}"
-            if not (pruned / "config.json").exists():
-                prune(str(dense), str(pruned), method=method, sparsity=sparsity, correction="none", calib=calib,
-                      nsamples=128, seqlen=args.seqlen, device=args.device, overwrite=True)
-            record(f"{family}|{method}{sparsity}|pruned", lambda: {"ppl": heldout_perplexity(pruned, test, args.seqlen)})
+        pruned = work / f"{family}-{pruning}"
+        if not (pruned / "config.json").exists():
+            prune(str(dense), str(pruned), method=method, sparsity=sparsity, correction="none", calib=calib,
+                  nsamples=128, seqlen=args.seqlen, device=args.device, overwrite=True)
+        record(f"{family}|{pruning}|pruned", lambda: {"ppl": heldout_perplexity(pruned, test, args.seqlen)})
 
-            def layerwise():
-                out = work / "layerwise"
-                prune(str(dense), str(out), method=method, sparsity=sparsity, calib=calib, nsamples=128,
-                      seqlen=args.seqlen, device=args.device, overwrite=True)
-                return {"ppl": heldout_perplexity(out, test, args.seqlen)}
-            record(f"{family}|{method}{sparsity}|layer-wise default", layerwise)
+        def layerwise():
+            out = work / "layerwise"
+            report = prune(str(dense), str(out), method=method, sparsity=sparsity, calib=calib, nsamples=128,
+                           seqlen=args.seqlen, device=args.device, overwrite=True)
+            return {"ppl": heldout_perplexity(out, test, args.seqlen), "time_s": report["totals"]["wall_time_s"]}
+        record(f"{family}|{pruning}|layer-wise default", layerwise)
 
-            for params in SUBSETS[family]:
-                for lr in args.lr:
-                    def retrained():
-                        out = work / "retrained"
-                        report = retrain(str(pruned), str(out), params=params, data=calib, steps=args.steps,
-                                         batch_size=args.batch_size, seqlen=args.seqlen, lr=lr,
-                                         device=args.device, overwrite=True, eval_every=args.steps,
-                                         eval_windows=16, save_every=0)
-                        return {"ppl": heldout_perplexity(out, test, args.seqlen), "merged": report["merged"],
-                                "lr": report["config"]["lr"], "tokens": report["tokens_trained"],
-                                "tokens_per_s": report["totals"]["tokens_per_s"],
-                                "trainable_fraction": report["trainable_fraction"],
-                                "sparsity": report["totals"]["sparsity_after"]}
-                    record(f"{family}|{method}{sparsity}|{params}|lr={lr}", retrained)
-    table = render(results, args)
+        def retrained():
+            out = work / "retrained"
+            report = retrain(str(pruned), str(out), params=params, data=calib, steps=args.steps,
+                             batch_size=args.batch_size, seqlen=args.seqlen, lr=lr, device=args.device,
+                             overwrite=True, eval_every=args.steps, eval_windows=16, save_every=0)
+            return {"ppl": heldout_perplexity(out, test, args.seqlen), "merged": report["merged"],
+                    "lr": lr, "tokens": report["tokens_trained"], "time_s": report["totals"]["wall_time_s"],
+                    "tokens_per_s": report["totals"]["tokens_per_s"],
+                    "trainable_fraction": report["trainable_fraction"],
+                    "sparsity": report["totals"]["sparsity_after"],
+                    "heldout_loss": [report["heldout_before"], report["heldout_after"]]}
+        record(f"{family}|{pruning}|{params}|lr={lr:g}", retrained)
+    table = render(results)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
 
 
-def render(results: dict, args) -> str:
-    lines = [f"Held-out perplexity (testbed `test.txt`, seqlen {args.seqlen}); retraining: {args.steps} steps x "
-             f"{args.batch_size} x {args.seqlen} tokens of `train.txt`. In brackets: the share of the "
-             "pruned-to-dense gap closed.", ""]
-    for family in args.models.split(","):
-        dense = results.get(f"{family}|dense", {}).get("ppl")
-        if dense is None:
+def render(results: dict) -> str:
+    """One row per (model, pruning): dense, pruned, layer-wise default, each retrained cell."""
+    lines = ["| model | pruning | dense | pruned | cell | ppl | gap closed | lr | trainable | tokens | time (s) |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for key, cell in results.items():
+        parts = key.split("|")
+        if len(parts) < 3 or parts[2] == "pruned":
             continue
-        columns = ["pruned", "layer-wise default"] + [f"{p}|lr={lr}" for p in SUBSETS[family] for lr in args.lr]
-        names = ["pruned", "layer-wise default"] + [
-            p + (f" (lr {lr:g})" if lr is not None else "") for p in SUBSETS[family] for lr in args.lr]
-        lines += [f"**{family}**, dense {dense:.2f}", "", "| pruning | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for method, sparsity in PRUNINGS:
-            pruned = results.get(f"{family}|{method}{sparsity}|pruned", {}).get("ppl")
-            row = [f"{method} {sparsity:g}"]
-            for column in columns:
-                cell = results.get(f"{family}|{method}{sparsity}|{column}")
-                if not cell:
-                    row.append("")
-                    continue
-                gap = (pruned - cell["ppl"]) / (pruned - dense) if pruned and column != "pruned" else None
-                mark = "" if cell.get("merged", True) else " (not merged)"
-                row.append(f"{cell['ppl']:.2f}" + (f" ({100 * gap:.0f}%)" if gap is not None else "") + mark)
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        family, pruning = parts[0], parts[1]
+        dense, pruned = results[f"{family}|dense"]["ppl"], results[f"{family}|{pruning}|pruned"]["ppl"]
+        name = parts[2] + ("" if cell.get("merged", True) else " (not merged)")
+        gap = (pruned - cell["ppl"]) / (pruned - dense)
+        lines.append(f"| {family} | {pruning} | {dense:.2f} | {pruned:.2f} | {name} | {cell['ppl']:.2f} | "
+                     f"{100 * gap:.1f}% | {cell.get('lr', ''):g} | "
+                     f"{100 * cell['trainable_fraction']:.3f}% | {cell['tokens']:,} | {cell['time_s']:.0f} |"
+                     if "lr" in cell else
+                     f"| {family} | {pruning} | {dense:.2f} | {pruned:.2f} | {name} | {cell['ppl']:.2f} | "
+                     f"{100 * gap:.1f}% | | | | {cell.get('time_s', cell['seconds']):.0f} |")
     return "\n".join(lines)
 
 
@@ -206,12 +204,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     q = commands.add_parser("quality")
-    q.add_argument("--models", default="llama,opt")
+    q.add_argument("--cells", default=DEFAULT_CELLS,
+                   help="space-separated family:pruning:params[:lr] (default: the issue's table; "
+                   f"the learning-rate sweep of docs/benchmarks.md is: {LR_SWEEP})")
     q.add_argument("--steps", type=int, default=290)
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--seqlen", type=int, default=256)
-    q.add_argument("--lr", type=lambda text: [None if v == "default" else float(v) for v in text.split(",")],
-                   default=[None], help="comma-separated learning rates, 'default' for each subset's default")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     q.add_argument("--workdir", default="/tmp/reconstruct-bench-retrain")
     q.add_argument("--markdown", default=None)

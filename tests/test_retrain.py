@@ -310,28 +310,35 @@ def start_and_stop(cmd: list[str], out: Path, after_step: int, how: int, timeout
     return child.returncode, stderr.decode()
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
-def test_a_stopped_run_resumes_to_the_same_bytes(how, pruned_models, sample_text, token_cache, tmp_path):
-    _, pruned = pruned_models["opt"]
-    steps = ["--steps", "120", "--save-every", "5"]
-    whole = subprocess.run(command(pruned, tmp_path / "whole", sample_text, token_cache, *steps),
+STOP_STEPS = ["--steps", "60", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pruned_models, sample_text, token_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    whole = subprocess.run(command(pruned_models["opt"][1], out, sample_text, token_cache, *STOP_STEPS),
                            capture_output=True, text=True, env=environment(), timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
+    return out
 
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_a_stopped_run_resumes_to_the_same_bytes(how, uninterrupted, pruned_models, sample_text, token_cache,
+                                                 tmp_path):
     out = tmp_path / "stopped"
-    cmd = command(pruned, out, sample_text, token_cache, *steps)
-    returncode, stderr = start_and_stop(cmd, out, after_step=10, how=how)
+    cmd = command(pruned_models["opt"][1], out, sample_text, token_cache, *STOP_STEPS)
+    returncode, stderr = start_and_stop(cmd, out, after_step=6, how=how)
     assert not out.exists()
     if how == signal.SIGINT:  # Ctrl-C: a clean stop that saved the step it was in
         assert returncode == 130 and "--resume" in stderr, stderr[-2000:]
     stopped_at = saved_step(out)
-    assert 10 <= stopped_at < 120
+    assert 6 <= stopped_at < 60
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=environment(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for shard in sorted((tmp_path / "whole").glob("*.safetensors")):
+    for shard in sorted(uninterrupted.glob("*.safetensors")):
         assert shard.read_bytes() == (out / shard.name).read_bytes(), shard.name
     report = json.loads((out / "report.json").read_text())
-    assert len(report["loss_curve"]["loss"]) == 120
+    assert len(report["loss_curve"]["loss"]) == 60
 
 
 def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text, token_cache, tmp_path,
