@@ -35,7 +35,7 @@ from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
-from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
+from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
 from .pruning import METHODS, PruningError
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
@@ -225,14 +225,7 @@ class Driver:
         return_freed_memory()  # what building the skeleton left free: before the first block's peak
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        source = self.config.tokenizer or self.adapter.checkpoint.directory
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except Exception as error:
-            raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
-                                        "with a directory or hub id that has one") from error
+        return load_tokenizer(self.config.tokenizer or self.adapter.checkpoint.directory)
 
     def open_pruned_source(self) -> ModelAdapter:
         """The checkpoint `--masks-from` names, checked against the dense model before any work: the

@@ -63,17 +63,20 @@ def bitmask_format(directory: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
-class TorchBinReader:
-    """`pytorch_model*.bin` shards, loaded tensors-only and memory-mapped (pages read when touched)."""
+class TorchBinReader(CheckpointReader):
+    """`pytorch_model*.bin` shards, loaded tensors-only and memory-mapped (pages read when touched).
+
+    The same questions as the safetensors reader, whose dtype() and row_chunks() it shares."""
 
     def __init__(self, directory: Path):
-        self.directory = directory
         self._shards: dict[str, dict[str, torch.Tensor]] = {}  # file name -> its mapped tensors
-        index = directory / BIN_INDEX
+        super().__init__(directory)
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.directory / BIN_INDEX
         if index.exists():
-            self.file_of = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            self.file_of = {name: BIN_SINGLE for name in self._shard(BIN_SINGLE)}
+            return dict(json.loads(index.read_text())["weight_map"])
+        return {name: BIN_SINGLE for name in self._shard(BIN_SINGLE)}
 
     def _shard(self, filename: str) -> dict[str, torch.Tensor]:
         if filename in self._shards:
@@ -99,21 +102,11 @@ class TorchBinReader:
         self._shards[filename] = tensors
         return tensors
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.file_of
-
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self.file_of:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
                                   "the shards are incomplete or belong to another model")
         return self._shard(self.file_of[name])[name]
-
-    def dtype(self) -> torch.dtype:
-        for name in self.file_of:
-            dtype, _ = self.info(name)
-            if dtype.is_floating_point:
-                return dtype
-        return torch.float32
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         tensor = self._tensor(name)
@@ -124,9 +117,6 @@ class TorchBinReader:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._tensor(name)[start:stop].clone()
-
-    def row_chunks(self, name: str, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
-        return CheckpointReader.row_chunks(self, name, chunk_bytes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -403,6 +403,17 @@ class ModelAdapter:
             setattr(module, leaf, nn.Parameter(param.to("meta"), requires_grad=False))
 
 
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer of a directory or hub id; a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
+                                    "with a directory or hub id that has one") from error
+
+
 def find_blocks(model: nn.Module, num_layers: int | None) -> str:
     """The dotted path of the ModuleList holding the decoder blocks, found by shape, not by name."""
     candidates = []

@@ -34,7 +34,7 @@ from .corrections import CorrectionOptions, make_correction
 from .driver import package_versions
 from .fit import autocast_for, linear_schedule
 from .memory import peak_rss_bytes
-from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
+from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
 from .writer import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -184,21 +184,12 @@ class Retrainer:
         model.requires_grad_(False)
         return model
 
-    def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        source = self.config.tokenizer or self.adapter.checkpoint.directory
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except Exception as error:
-            raise UnsupportedModelError(f"cannot load a tokenizer from {source} ({error}); pass --tokenizer "
-                                        "with a directory or hub id that has one") from error
-
     def data(self) -> tuple[torch.Tensor, torch.Tensor]:
         import calib
 
         config = self.config
-        return calib.training_windows(config.data, self.load_tokenizer(), config.steps * config.batch_size,
+        tokenizer = load_tokenizer(config.tokenizer or self.adapter.checkpoint.directory)
+        return calib.training_windows(config.data, tokenizer, config.steps * config.batch_size,
                                       config.eval_windows, config.seqlen, seed=config.seed,
                                       text_field=config.text_field, cache_dir=config.cache_dir)
 
