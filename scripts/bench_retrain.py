@@ -123,21 +123,25 @@ SPEED_CONFIGS = ["peft-lora", "masklora", "norm", "full", "peft-lora+gc", "maskl
 
 
 def speed(args) -> None:
-    rows = []
-    for config in args.configs.split(","):
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        result = subprocess.run([sys.executable, __file__, "speed-worker", "--config", config,
-                                 "--model", str(args.model), "--batch-size", str(args.batch_size),
-                                 "--seqlen", str(args.seqlen), "--steps", str(args.steps)],
-                                capture_output=True, text=True, env=env)
-        if result.returncode:
-            raise SystemExit(f"{config} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    # The configurations take turns (A B C … A B C …) and each keeps its median round, so that a
+    # change in the machine's load during the run falls on all of them alike.
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for config in args.configs.split(","):
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            result = subprocess.run([sys.executable, __file__, "speed-worker", "--config", config,
+                                     "--model", str(args.model), "--batch-size", str(args.batch_size),
+                                     "--seqlen", str(args.seqlen), "--steps", str(args.steps)],
+                                    capture_output=True, text=True, env=env)
+            if result.returncode:
+                raise SystemExit(f"{config} failed:\n{result.stderr[-3000:]}")
+            runs.setdefault(config, []).append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(runs[config][-1], flush=True)
+    rows = [sorted(results, key=lambda row: row["step_s"])[len(results) // 2] for results in runs.values()]
     by_name = {row["config"]: row for row in rows}
     lines = [f"Training speed on `{Path(args.model).name}` (CPU, {args.threads} thread(s)), batch {args.batch_size} x "
              f"{args.seqlen} tokens, median of {args.steps} steps after 2 warm-up steps; each configuration in "
-             "its own process.", "", "| configuration | tokens/s | step (s) | peak RSS (MiB) | trainable |",
+             f"its own process, {args.rounds} rounds in turn, the median round kept.", "", "| configuration | tokens/s | step (s) | peak RSS (MiB) | trainable |",
              "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['config']} | {row['tokens_per_s']:,.0f} | {row['step_s']:.3f} | "
@@ -220,6 +224,7 @@ def main() -> None:
         s.add_argument("--seqlen", type=int, default=256)
         s.add_argument("--steps", type=int, default=8)
         s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--rounds", type=int, default=3, help="turns each configuration takes (median kept)")
         s.add_argument("--configs", default=",".join(SPEED_CONFIGS))
         s.add_argument("--config", default="masklora")
         s.add_argument("--markdown", default=None)
