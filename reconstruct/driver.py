@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first
                       map_tensors)
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
+from .lock import exclusive_lock
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
 from .pruning import METHODS, PruningError
@@ -263,10 +265,17 @@ class Driver:
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """The whole run, holding the output directory's lock."""
         limit_heap_fragmentation()
+        self.run_dir = RunDirectory(Path(self.config.out))
+        with ExitStack() as held:
+            # First of all: a second run with the same --out must stop before touching anything.
+            held.enter_context(exclusive_lock(self.run_dir.out))
+            return self._run()
+
+    def _run(self) -> RunResult:
         self.open()
         windows = None
-        self.run_dir = RunDirectory(Path(self.config.out))
         if not (self.config.resume and self.run_dir.work.joinpath("state.json").exists()):
             windows = self.calibration_windows()  # may fail on bad data: before anything is written
         resuming = self.run_dir.prepare(self.config.overwrite, self.config.resume)
