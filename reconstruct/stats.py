@@ -49,7 +49,8 @@ class InputStatistics:
         """H = 2/N · Σ x xᵀ, SparseGPT's layer-wise Hessian."""
         if self.hessian_sum is None:
             raise RuntimeError("the Hessian was not collected for this layer")
-        return self.hessian_sum.to(torch.float32) * (2.0 / max(self.tokens, 1))
+        hessian = self.hessian_sum.to(torch.float32)  # a new tensor: scaled in place, no second copy
+        return hessian.mul_(2.0 / max(self.tokens, 1))
 
 
 class StatisticsCollector:
