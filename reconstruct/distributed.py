@@ -16,6 +16,7 @@ single-process algorithm with a few marked points where ranks meet:
     sum_floats(values, what)             Python floats summed across ranks in fp64
     sum_gradients(parameters, scalars)   one flat fp64 buffer per optimisation step
     broadcast_object(value, what)        rank 0's value on every rank
+    owners(costs) / broadcast_(t, src)   share out pieces of work; send each result from its owner
     on_main(fn, what)                    rank 0 alone runs fn (writes, locks); its result or its
                                          error reaches every rank
     check_identical(groups, what)        checksums compared across ranks; a mismatch raises
@@ -202,6 +203,32 @@ def broadcast_object(value: T, what: str) -> T:
     holder = [value if is_main() else None]
     _collective(what, lambda: dist.broadcast_object_list(holder, src=0))
     return holder[0]
+
+
+def broadcast_(tensor: torch.Tensor, source: int, what: str) -> torch.Tensor:
+    """Overwrite `tensor` in place, on every rank, with rank `source`'s (its bytes: any dtype)."""
+    if world_size() == 1:
+        return tensor
+    if not tensor.is_contiguous():
+        raise DistributedError(f"{what}: cannot broadcast a non-contiguous tensor in place")
+    device = _communication_device()
+    raw = tensor.view(torch.uint8) if tensor.dim() else tensor.reshape(1).view(torch.uint8)
+    moved = raw if raw.device == device else raw.to(device)
+    _collective(what, lambda: dist.broadcast(moved, src=source))
+    if moved is not raw:  # into the caller's tensor, never only into a temporary copy
+        raw.copy_(moved)
+    return tensor
+
+
+def owners(costs: list[float]) -> list[int]:
+    """The rank that does each of several pieces of work: the costliest first, each to the least
+    loaded rank (ties to the lower rank). The same answer on every rank; all 0 on one process."""
+    load = [0.0] * world_size()
+    owner = [0] * len(costs)
+    for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[item] = min(range(len(load)), key=lambda r: (load[r], r))
+        load[owner[item]] += costs[item]
+    return owner
 
 
 def on_main(fn: Callable[[], T], what: str) -> T:

@@ -79,22 +79,37 @@ def observe(block, inputs: ActivationStore, call, linears, needs_hessian: bool, 
 def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsity: float, pattern,
                   block_name: str, keep_masks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Prune each linear in place; return the keep-masks (only if `keep_masks`: a correction needs
-    them, and they are half a bf16 block's size) and a note for any layer handled specially."""
+    them, and they are half a bf16 block's size) and a note for any layer handled specially.
+
+    With several ranks, each linear is pruned by one of them (the costliest first, to the least
+    loaded rank; SparseGPT's work grows as rows × columns²) and its result sent to the others: the
+    bytes any rank would compute, for a share of the work."""
     masks, notes = {}, {}
-    for name, linear in linears.items():
+    owner = distributed.owners([linear.weight.numel() * linear.in_features for linear in linears.values()])
+    for (name, linear), pruned_by in zip(linears.items(), owner):
         layer_stats = stats.get(name)
         method = METHODS[method_name]
         if layer_stats is None or layer_stats.tokens == 0:
             # A mixture-of-experts expert that no calibration token was routed to has no statistics.
             method = METHODS["magnitude"]
             notes[name] = "no calibration tokens reached this layer: pruned by magnitude"
+        if pruned_by != distributed.rank():
+            continue
         result = method.prune(linear.weight.data, layer_stats, sparsity, pattern, layer=f"{block_name}.{name}",
                               return_mask=keep_masks)
         linear.weight.data = result.weight.to(linear.weight.dtype)
         if keep_masks:
             masks[name] = result.mask
         del result
-    return masks, notes
+    for (name, linear), pruned_by in zip(linears.items(), owner):  # no-ops on one process
+        distributed.broadcast_(linear.weight.data, pruned_by, f"sending {block_name}.{name}'s pruned weight")
+        if keep_masks:
+            if name not in masks:
+                masks[name] = torch.empty(linear.weight.shape, dtype=torch.bool, device=linear.weight.device)
+            distributed.broadcast_(masks[name], pruned_by, f"sending {block_name}.{name}'s mask")
+    # In the linears' order on every rank: the correction's parameters, and so the gradient buffer
+    # summed across ranks, are laid out in this order.
+    return {name: masks[name] for name in linears if name in masks}, notes
 
 
 class LayerErrorMeter:

@@ -107,6 +107,16 @@ def test_shares_are_contiguous_and_cover_everything(monkeypatch):
     assert [w for s in shares for w in s] == list(range(15))
 
 
+def test_work_is_shared_out_costliest_first_to_the_least_loaded_rank(monkeypatch):
+    from reconstruct import distributed
+
+    assert distributed.owners([5, 1, 3]) == [0, 0, 0]  # one process does everything
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    # q, k, v, o (1 each), gate, up (3 each), down (10): down alone on one rank, the rest on the other
+    assert distributed.owners([1, 1, 1, 1, 3, 3, 10]) == [1, 1, 1, 1, 1, 1, 0]
+    assert distributed.owners([2, 2, 2]) == [0, 1, 0]  # ties go to the lower rank
+
+
 def test_without_torchrun_every_helper_is_a_no_op():
     from reconstruct import distributed
 
@@ -115,6 +125,7 @@ def test_without_torchrun_every_helper_is_a_no_op():
     assert distributed.all_reduce_sum(tensor, "x") is tensor and tensor.tolist() == [0.0, 1.0, 2.0]
     assert distributed.sum_floats([1.5], "x") == [1.5]
     assert distributed.broadcast_object({"a": 1}, "x") == {"a": 1}
+    assert distributed.broadcast_(tensor, 0, "x") is tensor
     assert distributed.on_main(lambda: 7, "x") == 7
     distributed.check_identical({"t": [tensor]}, "x")
     distributed.barrier("x")
