@@ -88,17 +88,10 @@ def process_group(device: str):
     else:
         raise DistributedError(f"--device {device}: several processes need --device cuda or cpu")
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
-    failed = False
-    try:
-        yield device
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        # After a failure the other ranks may be gone: tearing down could wait on them; the process
-        # is about to exit anyway.
-        if not failed:
-            dist.destroy_process_group()
+    yield device
+    # Not reached when the block raised: the other ranks may be gone, tearing down could wait on
+    # them, and the process is about to exit anyway.
+    dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -29,16 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import build_reference  # noqa: E402
 
 
-def measure(command: list[str], environment: dict) -> tuple[float, list[int], str]:
-    """Run `command`; return wall seconds, the peak RSS of each worker process, and stderr."""
+def measure(command: list[str], environment: dict) -> tuple[float, list[int], list[float]]:
+    """Run `command`; return wall seconds, and the peak RSS and CPU seconds of each worker process
+    (sampled every 50 ms: the CPU time misses at most a worker's last 50 ms).
+
+    CPU seconds per worker show how the work is divided even when other jobs share the cores and
+    the wall time cannot."""
     started = time.perf_counter()
     process = psutil.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peaks: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     while process.poll() is None:
         try:
             workers = [p for p in process.children(recursive=True) if "reconstruct" in " ".join(p.cmdline())]
             for worker in workers or [process]:
                 peaks[worker.pid] = max(peaks.get(worker.pid, 0), worker.memory_info().rss)
+                times = worker.cpu_times()
+                cpu[worker.pid] = times.user + times.system
         except psutil.Error:
             pass
         time.sleep(0.05)
@@ -46,7 +53,7 @@ def measure(command: list[str], environment: dict) -> tuple[float, list[int], st
     _, stderr = process.communicate()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
-    return elapsed, sorted(peaks.values(), reverse=True), stderr.decode()
+    return elapsed, sorted(peaks.values(), reverse=True), sorted(cpu.values(), reverse=True)
 
 
 def block_split(out: Path) -> tuple[float, float]:
@@ -88,8 +95,8 @@ def main() -> int:
                    env=environment, check=True, capture_output=True)
 
     one_out, many_out = workdir / "one-rank", workdir / f"{args.ranks}-ranks"
-    one_time, one_peaks, _ = measure([sys.executable, "-m", "reconstruct", *prune_args(one_out)], environment)
-    many_time, many_peaks, _ = measure([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    one_time, one_peaks, one_cpu = measure([sys.executable, "-m", "reconstruct", *prune_args(one_out)], environment)
+    many_time, many_peaks, many_cpu = measure([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node", str(args.ranks), "-m", "reconstruct",
                                         *prune_args(many_out)], environment)
 
@@ -107,13 +114,15 @@ def main() -> int:
     gib = 2**30
     print(f"model {model.name}, {args.method} + MaskLoRA, {args.nsamples} windows x {args.seqlen} tokens, "
           f"{args.steps} steps of {args.fit_batch_size} windows, 1 thread per process")
-    print(f"1 process : {one_time:7.1f} s wall; blocks: {one_prune:.1f} s outside fitting, {one_fit:.1f} s "
-          f"fitting; peak RSS {one_peaks[0] / gib:.2f} GiB")
-    print(f"{args.ranks} ranks   : {many_time:7.1f} s wall; blocks: {many_prune:.1f} s outside fitting, "
-          f"{many_fit:.1f} s fitting; peak RSS per rank "
+    print(f"1 process : {one_time:7.1f} s wall, {one_cpu[0]:.1f} CPU s; blocks: {one_prune:.1f} s outside "
+          f"fitting, {one_fit:.1f} s fitting; peak RSS {one_peaks[0] / gib:.2f} GiB")
+    print(f"{args.ranks} ranks   : {many_time:7.1f} s wall, CPU s per rank "
+          + ", ".join(f"{c:.1f}" for c in many_cpu[:args.ranks])
+          + f"; blocks: {many_prune:.1f} s outside fitting, {many_fit:.1f} s fitting; peak RSS per rank "
           + ", ".join(f"{p / gib:.2f}" for p in many_peaks[:args.ranks]) + " GiB")
-    print(f"wall-time ratio {many_time / one_time:.2f}; fitting ratio {many_fit / one_fit:.2f}; "
-          f"same zeros: {same_zeros}; max |dw| = {largest:.3g}")
+    print(f"wall-time ratio {many_time / one_time:.2f}; busiest rank's CPU time / 1 process's "
+          f"{many_cpu[0] / one_cpu[0]:.2f}; fitting ratio {many_fit / one_fit:.2f}; same zeros: {same_zeros}; "
+          f"max |dw| = {largest:.3g}")
     return 0
 
 
