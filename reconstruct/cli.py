@@ -7,6 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import distributed
 from .api import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig, RunConfig,
                   default_device)
 from .corrections import choices as correction_choices
@@ -212,6 +213,8 @@ def run_prune(args) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k in RunConfig.field_names() and k not in ("model", "out")}
     report = prune(args.model, args.out, **settings)
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for all
+        return 0
     totals = report["totals"]
     print(f"wrote {args.out}: sparsity {totals['pruned_sparsity']:.4f}, {totals['wall_time_s']:.1f} s, "
           f"peak host memory {totals['peak_host_rss_bytes'] / 2**30:.2f} GiB"
@@ -278,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    except distributed.DistributedError as error:  # another rank failed, or the ranks disagree
+        if args.verbose:
+            logging.exception("details")
+        print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except (ValueError, OSError, ImportError) as error:
         # Our own errors (bad settings, data, model, output) are ValueError/OSError subclasses with a
         # message that says what to do; a traceback would only hide it.

@@ -15,12 +15,15 @@ device one batch at a time.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .api import RunConfig
+from . import __version__, distributed
+from .api import ConfigError, RunConfig
 from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
                       map_tensors)
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
+from .lock import exclusive_lock
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
 from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
 from .pruning import METHODS, PruningError
@@ -75,22 +79,37 @@ def observe(block, inputs: ActivationStore, call, linears, needs_hessian: bool, 
 def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsity: float, pattern,
                   block_name: str, keep_masks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Prune each linear in place; return the keep-masks (only if `keep_masks`: a correction needs
-    them, and they are half a bf16 block's size) and a note for any layer handled specially."""
+    them, and they are half a bf16 block's size) and a note for any layer handled specially.
+
+    With several ranks, each linear is pruned by one of them (the costliest first, to the least
+    loaded rank; SparseGPT's work grows as rows × columns²) and its result sent to the others: the
+    bytes any rank would compute, for a share of the work."""
     masks, notes = {}, {}
-    for name, linear in linears.items():
+    owner = distributed.owners([linear.weight.numel() * linear.in_features for linear in linears.values()])
+    for (name, linear), pruned_by in zip(linears.items(), owner):
         layer_stats = stats.get(name)
         method = METHODS[method_name]
         if layer_stats is None or layer_stats.tokens == 0:
             # A mixture-of-experts expert that no calibration token was routed to has no statistics.
             method = METHODS["magnitude"]
             notes[name] = "no calibration tokens reached this layer: pruned by magnitude"
+        if pruned_by != distributed.rank():
+            continue
         result = method.prune(linear.weight.data, layer_stats, sparsity, pattern, layer=f"{block_name}.{name}",
                               return_mask=keep_masks)
         linear.weight.data = result.weight.to(linear.weight.dtype)
         if keep_masks:
             masks[name] = result.mask
         del result
-    return masks, notes
+    for (name, linear), pruned_by in zip(linears.items(), owner):  # no-ops on one process
+        distributed.broadcast_(linear.weight.data, pruned_by, f"sending {block_name}.{name}'s pruned weight")
+        if keep_masks:
+            if name not in masks:
+                masks[name] = torch.empty(linear.weight.shape, dtype=torch.bool, device=linear.weight.device)
+            distributed.broadcast_(masks[name], pruned_by, f"sending {block_name}.{name}'s mask")
+    # In the linears' order on every rank: the correction's parameters, and so the gradient buffer
+    # summed across ranks, are laid out in this order.
+    return {name: masks[name] for name in linears if name in masks}, notes
 
 
 def take_pruned_weights(linears: dict[str, nn.Linear], source: ModelAdapter, block_name: str,
@@ -147,14 +166,22 @@ class LayerErrorMeter:
     def relative(self, name: str) -> float:
         return self.error[name] / self.reference[name] if self.reference[name] > 0 else float("nan")
 
+    def sum_across_ranks(self) -> None:
+        """The sample windows may lie on several ranks: sum their errors (in the linears' order)."""
+        names = list(self.linears)
+        sums = distributed.sum_floats([self.error[n] for n in names] + [self.reference[n] for n in names],
+                                      "summing per-layer errors")
+        self.error, self.reference = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
+
 
 def replay(block, inputs: ActivationStore, call, batch_size: int, device, outputs: ActivationStore,
-           meter: "LayerErrorMeter | None" = None) -> None:
+           meter: "LayerErrorMeter | None" = None, first_window: int = 0) -> None:
+    """`first_window`: the calibration window that `inputs[0]` is (not 0 on ranks after the first)."""
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
             if meter is not None:  # per-layer errors are a report, measured on the first windows only
-                meter.measuring = start < ERROR_SAMPLE_WINDOWS
+                meter.measuring = first_window + start < ERROR_SAMPLE_WINDOWS
             outputs[window] = call_block(block, inputs[window].to(device), call)
 
 
@@ -281,22 +308,69 @@ class Driver:
                                          self.config.seqlen, seed=self.config.seed,
                                          text_field=self.config.text_field, cache_dir=self.config.cache_dir)
 
+    def check_world_size(self) -> None:
+        """Fail before any work if this run cannot be split over the processes torchrun started."""
+        processes = distributed.world_size()
+        if processes == 1:
+            return
+        if self.config.nsamples < processes:
+            raise ConfigError(f"--nsamples {self.config.nsamples} is fewer than the {processes} processes: each "
+                              "needs at least one calibration window; use more windows or fewer processes")
+        if self.correction is not None and self.config.granularity != "block":
+            raise ConfigError(f"--granularity {self.config.granularity} runs on one process only (it fits one "
+                              "window per step, which cannot be shared); use --granularity block or launch "
+                              "without torchrun")
+
+    def rank_activations(self) -> Path:
+        """Where this process keeps its windows' activations: its own directory when there are
+        several (each rank holds only its share of the windows)."""
+        if distributed.world_size() == 1:
+            return self.run_dir.activations
+        directory = self.run_dir.activations / f"rank-{distributed.rank():05d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
     def store_factory(self) -> StoreFactory:
         # inputs and outputs; a correction's targets; the dense model's own activations (in and out)
         streams = 2 + (self.correction is not None) + (2 if self.config.target != "sparse-inputs" else 0)
         budget = (int(self.config.activation_budget_gb * 2**30) if self.config.activation_budget_gb
                   else default_activation_budget())
-        return StoreFactory(self.config.offload_activations, self.run_dir.activations, budget, streams)
+        return StoreFactory(self.config.offload_activations, self.activations, budget, streams)
+
+    def local_shape(self, shape) -> tuple[int, int, int]:
+        """The shape of this rank's activation stores: its share of the windows."""
+        return (len(self.own_windows),) + tuple(shape[1:])
+
+    def save_state(self, state: dict) -> None:
+        """Record the resume point once every rank's files for it are durable; rank 0 writes it."""
+        distributed.barrier("waiting for every rank to save its activations")
+        distributed.on_main(lambda: self.run_dir.save_state(state), "saving the resume point")
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
         limit_heap_fragmentation()
-        self.open()
-        windows = None
         self.run_dir = RunDirectory(Path(self.config.out))
-        if not (self.config.resume and self.run_dir.work.joinpath("state.json").exists()):
-            windows = self.calibration_windows()  # may fail on bad data: before anything is written
-        resuming = self.run_dir.prepare(self.config.overwrite, self.config.resume)
+        with ExitStack() as held:
+            # First of all: a second run with the same --out must stop before touching anything.
+            distributed.on_main(lambda: held.enter_context(exclusive_lock(self.run_dir.out)),
+                                "locking the output directory")
+            return self._run()
+
+    def _run(self) -> RunResult:
+        self.open()
+        self.check_world_size()
+
+        def windows_unless_resuming():  # may fail on bad data: before anything is written
+            if self.config.resume and self.run_dir.work.joinpath("state.json").exists():
+                return None
+            return self.calibration_windows()
+
+        # Rank 0 reads the calibration data (the token cache is written once) and every rank gets it.
+        windows = distributed.on_main(windows_unless_resuming, "reading the calibration data")
+        resuming = distributed.on_main(lambda: self.run_dir.prepare(self.config.overwrite, self.config.resume),
+                                       "preparing the output directory")
+        self.activations = self.rank_activations()
         self.stores = self.store_factory()
         if resuming:
             state = self.resume_state()
@@ -304,14 +378,20 @@ class Driver:
             state = self.start(windows)
         n = self.adapter.num_blocks
         progress = tqdm(range(state["next_block"], n), initial=state["next_block"], total=n,
-                        desc="blocks", unit="block", disable=None)
+                        desc="blocks", unit="block", disable=None if distributed.is_main() else True)
         inputs, dense_inputs = self.open_inputs(state)
         for index in progress:
             inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
             progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
         report = self.final_report(state)
-        out = self.run_dir.finish(self.adapter.checkpoint.directory, self.adapter.output_config(),
-                                  state["shards"], report)
+        if distributed.world_size() > 1:  # each rank's own activations; rank 0's finish removes the rest
+            shutil.rmtree(self.activations, ignore_errors=True)
+        distributed.barrier("waiting for every rank to finish its last block")
+        # Every rank waits for rank 0's final save, and fails with it if it fails.
+        out = distributed.on_main(lambda: self.run_dir.finish(self.adapter.checkpoint.directory,
+                                                              self.adapter.output_config(), state["shards"],
+                                                              report),
+                                  "writing the index, config and report")
         log.info("wrote %s", out)
         return RunResult(report, out, inputs)
 
@@ -320,44 +400,60 @@ class Driver:
         adapter = self.adapter
         total = adapter.num_blocks + 1
         rest_shard = self.run_dir.shard_name(adapter.num_blocks, total)
-        self.run_dir.save_shard(rest_shard, {name: adapter.streamed_copy(name)
-                                             for name in adapter.non_block_names()})
+        distributed.on_main(lambda: self.run_dir.save_shard(rest_shard, {name: adapter.streamed_copy(name)
+                                                                         for name in adapter.non_block_names()}),
+                            "writing the embeddings and head")
+        self.total_windows = len(windows)
+        self.own_windows = distributed.shard(len(windows))  # this rank's windows, a contiguous range
         adapter.load_embeddings()
         try:
             calls, first_hidden = catch_block_kwargs(adapter.model, adapter.blocks, windows[0])
             shape = (len(windows), windows.shape[1], first_hidden.shape[-1])
-            inputs = self.stores.create("inputs-00000", shape, adapter.storage_dtype)
-            catch_block0_inputs(adapter.model, adapter.blocks, windows, inputs, self.batch_size, "cpu")
+            inputs = self.stores.create("inputs-00000", self.local_shape(shape), adapter.storage_dtype)
+            catch_block0_inputs(adapter.model, adapter.blocks, windows[self.own_windows.start:self.own_windows.stop],
+                                inputs, self.batch_size, "cpu")
         finally:
             adapter.release_embeddings()
-        torch.save(calls, self.run_dir.work / "block_calls.pt")
+        distributed.on_main(lambda: torch.save(calls, self.run_dir.work / "block_calls.pt"),
+                            "saving the blocks' arguments")
         dense_name = None
         if self.config.target != "sparse-inputs":
-            dense = self.stores.create("dense-00000", shape, adapter.storage_dtype)
+            dense = self.stores.create("dense-00000", self.local_shape(shape), adapter.storage_dtype)
             dense[:] = inputs[:]
             dense_name = self._persist(dense, "dense-00000")
-        state = {"fingerprint": self.config.fingerprint(), "next_block": 0, "shape": list(shape),
-                 "dtype": str(adapter.storage_dtype).removeprefix("torch."),
+        state = {"fingerprint": self.config.fingerprint(), "world_size": distributed.world_size(),
+                 "next_block": 0, "shape": list(shape), "dtype": str(adapter.storage_dtype).removeprefix("torch."),
                  "inputs": self._persist(inputs, "inputs-00000"), "dense_inputs": dense_name,
                  "shards": [rest_shard], "layers": [], "blocks": []}
-        self.run_dir.save_state(state)
+        self.save_state(state)
         self.calls = calls
         return state
 
     def resume_state(self) -> dict:
-        state = self.run_dir.load_state()
-        if state["fingerprint"] != self.config.fingerprint():
-            raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings; "
-                             "rerun without --resume (and with --overwrite if needed) to start over")
-        self.calls = torch.load(self.run_dir.work / "block_calls.pt", weights_only=False)
+        def load():
+            state = self.run_dir.load_state()
+            if state["fingerprint"] != self.config.fingerprint():
+                raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings; "
+                                 "rerun without --resume (and with --overwrite if needed) to start over")
+            started_with, now = state.get("world_size", 1), distributed.world_size()
+            if started_with != now:  # each rank's activations hold its own share of the windows
+                raise ValueError(f"the unfinished run in {self.run_dir.work} was started with {started_with} "
+                                 f"process(es), this one has {now}: resume it with the same number (torchrun "
+                                 f"--nproc_per_node {started_with}, or no torchrun for 1), or rerun without "
+                                 "--resume to start over")
+            return state, torch.load(self.run_dir.work / "block_calls.pt", weights_only=False)
+
+        state, self.calls = distributed.on_main(load, "reading the resume point")
+        self.total_windows = state["shape"][0]
+        self.own_windows = distributed.shard(self.total_windows)
         log.info("resuming at block %d of %d", state["next_block"], self.adapter.num_blocks)
         return state
 
     def open_inputs(self, state):
         """The next block's saved inputs (and the dense model's, for --target dense/none)."""
-        shape, dtype = tuple(state["shape"]), getattr(torch, state["dtype"])
-        inputs = self.stores.open(self.run_dir.activations / state["inputs"], shape, dtype)
-        dense = (self.stores.open(self.run_dir.activations / state["dense_inputs"], shape, dtype)
+        shape, dtype = self.local_shape(state["shape"]), getattr(torch, state["dtype"])
+        inputs = self.stores.open(self.activations / state["inputs"], shape, dtype)
+        dense = (self.stores.open(self.activations / state["dense_inputs"], shape, dtype)
                  if state["dense_inputs"] else None)
         return inputs, dense
 
@@ -368,7 +464,7 @@ class Driver:
             with open(store.path, "rb+") as handle:
                 os.fsync(handle.fileno())
         else:
-            store.save_to(self.run_dir.activations / filename)
+            store.save_to(self.activations / filename)
         return filename
 
     # -- one block -----------------------------------------------------------------------------------
@@ -378,7 +474,7 @@ class Driver:
             try:
                 return self._process_block(index, inputs, dense_inputs, state)
             except torch.cuda.OutOfMemoryError:
-                if self.batch_size == 1:
+                if self.batch_size == 1 or distributed.world_size() > 1:  # ranks must stay in step
                     raise
                 self.batch_size //= 2
                 log.warning("CUDA out of memory in block %d: retrying with --batch-size %d", index,
@@ -402,6 +498,7 @@ class Driver:
         observed = {} if self.pruned_source else linears  # --masks-from: no statistics needed
         stats = observe(block, fit_inputs, call, observed, self.method.needs_hessian, self.batch_size,
                         self.device, targets)
+        stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device)
         if config.target == "dense":
             replay(block, dense_inputs, call, self.batch_size, self.device, targets)
         next_dense = None
@@ -419,12 +516,17 @@ class Driver:
             masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name,
                                          keep_masks=self.correction is not None)
         del stats
+        distributed.check_identical({"masks": list(masks.values()),
+                                     "pruned weights": [linear.weight for linear in linears.values()]},
+                                    f"block {index} after pruning")
         return_freed_memory()
 
         # 3. Fit the correction towards the dense outputs; merge it, or discard it if it is worse.
         fit_reports = []
         if self.correction is not None:
             fit_reports = self.correct(index, block, dense_block, masks, fit_inputs, targets, call)
+            distributed.check_identical({"corrected weights": list(block.state_dict().values())},
+                                        f"block {index} after the correction")
 
         # 4. Re-run the repaired block: its outputs feed the next block. Inputs held in RAM are
         #    overwritten window by window, saving a store's memory: their durable copy is the file
@@ -437,22 +539,24 @@ class Driver:
         piece = 2**20 if self.device.type == "cpu" else 16 * 2**20
         with LayerErrorMeter(linears, lambda linear: adapter.dense_rows(f"{name}.{linear}", chunk_bytes=piece)) \
                 as meter:
-            replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter)
+            replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter, self.own_windows.start)
+        meter.sum_across_ranks()
 
         # 5. Write the block, record the resume point, free everything of this block.
         state["layers"].extend(self.layer_entries(index, linears, meter, notes))
         state["blocks"].append(self.block_entry(index, fit_reports, time.perf_counter() - started))
         shard = self.run_dir.shard_name(index, adapter.num_blocks + 1)
-        self.run_dir.save_shard(shard, adapter.module_tensors(name))
+        distributed.on_main(lambda: self.run_dir.save_shard(shard, adapter.module_tensors(name)),
+                            f"writing block {index}")
         adapter.release(block)
         state["shards"].insert(index, shard)
         old_inputs, old_dense = state["inputs"], state["dense_inputs"]
         state.update(next_block=index + 1, inputs=self._persist(next_inputs, f"inputs-{index + 1:05d}"),
                      dense_inputs=self._persist(next_dense, f"dense-{index + 1:05d}") if next_dense else None)
-        self.run_dir.save_state(state)
+        self.save_state(state)
         for filename in (old_inputs, old_dense):
             if filename:
-                (self.run_dir.activations / filename).unlink(missing_ok=True)
+                (self.activations / filename).unlink(missing_ok=True)
         if targets is not None:
             targets.delete()
         return_freed_memory()
@@ -462,21 +566,28 @@ class Driver:
         """Fit the correction on each unit of the block (the block itself by default)."""
         config = self.config
         heldout = config.heldout_windows
-        train_windows = list(range(heldout, len(fit_inputs)))
+        train_windows = list(range(heldout, self.total_windows))
         heldout_windows = list(range(heldout))
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
         reports = []
         for unit_name in fitting_units(block, config.granularity, masks):
             root, root_masks = attach_point(block, unit_name, masks)
             if unit_name == "":
-                batches = _chunks(train_windows, config.fit_batch_size)
-                all_batches = batches + _chunks(heldout_windows, config.fit_batch_size)
+                # Batches are made of global window numbers; each rank runs the windows of a batch that
+                # it holds and returns None when it holds none (fit_correction sums over ranks).
+                batches = _spread(train_windows, config.fit_batch_size)
+                all_batches = batches + _spread(heldout_windows, config.fit_batch_size)
 
-                def run(i, _all=all_batches):
-                    return call_block(block, fit_inputs.gather(_all[i]).to(self.device), call)
+                def mine(i, _all=all_batches) -> list[int]:  # positions in this rank's stores
+                    return [w - self.own_windows.start for w in _all[i] if w in self.own_windows]
 
-                def target(i, _all=all_batches):
-                    return targets.gather(_all[i]).to(self.device)
+                def run(i):
+                    local = mine(i)
+                    return call_block(block, fit_inputs.gather(local).to(self.device), call) if local else None
+
+                def target(i):
+                    local = mine(i)
+                    return targets.gather(local).to(self.device) if local else None
 
                 train_ids = list(range(len(batches)))
                 held_ids = list(range(len(batches), len(all_batches)))
@@ -547,6 +658,7 @@ class Driver:
             "model": self.config.model,
             "method": f"masks-from {self.config.masks_from}" if self.config.masks_from else self.config.method,
             "sparsity": None if self.config.masks_from else self.sparsity,
+            "world_size": distributed.world_size(),
             "pattern": self.config.pattern, "correction": self.config.correction,
             "config": {k: v for k, v in vars(self.config).items()},
             "command": " ".join(sys.argv),
@@ -562,7 +674,9 @@ class Driver:
 
 # --------------------------------------------------------------------------------------------------
 def run(config: RunConfig) -> RunResult:
-    return Driver(config).run()
+    """Run `config`; under torchrun, as one of several processes sharing the calibration windows."""
+    with distributed.process_group(config.device) as device:
+        return Driver(dataclasses.replace(config, device=device)).run()
 
 
 def block_dtype(block: nn.Module) -> torch.dtype:
@@ -585,8 +699,13 @@ def attach_point(block: nn.Module, unit_name: str, masks: dict[str, torch.Tensor
     return block.get_submodule(unit_name), {n[len(prefix):]: m for n, m in masks.items() if n.startswith(prefix)}
 
 
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _spread(items: list[int], size: int) -> list[list[int]]:
+    """`items` in batches of at most `size`, batch j taking every k-th item from the j-th (k batches).
+
+    With contiguous shares of the windows per rank, every batch then draws on every rank's share,
+    so all ranks work at every step; consecutive batches would sit on one rank at a time."""
+    count = math.ceil(len(items) / size)
+    return [items[j::count] for j in range(count)]
 
 
 def _mean(values) -> float:

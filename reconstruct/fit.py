@@ -5,6 +5,11 @@ parameters (under autocast when the block is stored in half precision), no gradi
 guard measures the relative output error on held-out calibration batches before fitting and, after
 fitting, with exactly the weights merging would write: a correction that is worse, or not finite,
 is not merged but discarded, and the pruned unit is left as it was.
+
+With several processes (torchrun) every rank runs this loop for the same batches in the same order;
+`run(i)` and `target(i)` give None on a rank that holds none of batch i's windows. Errors, the
+loss's normaliser and the gradients are summed over ranks, so every rank takes the same steps and
+the same decision, and the result is the one-process result up to float rounding.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import distributed
 from .corrections import Correction, CorrectionOptions
 
 
@@ -43,8 +49,9 @@ class FitReport:
         return asdict(self)
 
 
-# A unit's forward on calibration batch i, and the output it should produce.
-RunBatch = Callable[[int], torch.Tensor]
+# A unit's forward on calibration batch i, and the output it should produce (None: none of the
+# batch's windows is on this rank).
+RunBatch = Callable[[int], "torch.Tensor | None"]
 
 # The training error in the report is measured on at most this many training batches (evenly
 # spread): it is a report, while the guard's decision rests on all held-out batches.
@@ -53,12 +60,16 @@ TRAIN_ERROR_SAMPLE = 32
 
 @torch.no_grad()
 def relative_error(run: RunBatch, target: RunBatch, batches: list[int]) -> float:
-    """Σ‖output − target‖² / Σ‖target‖² over the given batches (float64 sums)."""
+    """Σ‖output − target‖² / Σ‖target‖² over the given batches (float64 sums, over all ranks)."""
     error = reference = 0.0
     for i in batches:
-        wanted = target(i).double()
+        wanted = target(i)
+        if wanted is None:
+            continue
+        wanted = wanted.double()
         error += (run(i).double() - wanted).pow(2).sum().item()
         reference += wanted.pow(2).sum().item()
+    error, reference = distributed.sum_floats([error, reference], "summing output errors")
     return error / reference if reference > 0 else error
 
 
@@ -129,14 +140,25 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
             order = [train_batches[i] for i in torch.randperm(len(train_batches), generator=generator)]
         batch = order.pop()
         with torch.no_grad():
-            wanted = target(batch).float()
-        with autocast_for(device, compute_dtype):
-            output = run(batch)
-        loss = nn.functional.mse_loss(output.float(), wanted)
-        if not torch.isfinite(loss):
-            return f"stopped at step {step}: loss is not finite"
+            wanted = target(batch)
+        output = None
+        if wanted is not None:
+            wanted = wanted.float()
+            with autocast_for(device, compute_dtype):
+                output = run(batch)
+        # The loss is the mean squared error over the whole batch, wherever its windows are: each
+        # rank's sum of squares divided by the number of values on all ranks (on one process this
+        # is mse_loss's mean, with the same gradients bit for bit).
+        values = distributed.sum_floats([0 if wanted is None else wanted.numel()], "counting a batch")[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        if output is not None:
+            share = nn.functional.mse_loss(output.float(), wanted, reduction="sum") / values
+            share.backward()
+            loss = share.item()
+        loss = distributed.sum_gradients(trainable, [loss])[0]
+        if not math.isfinite(loss):
+            return f"stopped at step {step}: loss is not finite"
         optimizer.step()
         scheduler.step()
     return ""

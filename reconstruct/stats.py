@@ -11,25 +11,30 @@ import weakref
 import torch
 from torch import nn
 
-TOKEN_CHUNK_ELEMENTS = 2**18  # inputs are converted to fp32 about this many values at a time
+TOKEN_CHUNK_ELEMENTS = 2**18  # inputs are converted to fp64 about this many values at a time
 
 
 class InputStatistics:
-    """Running sums over calibration tokens of one input feature space."""
+    """Running sums over calibration tokens of one input feature space.
+
+    The sums are kept in fp64 and cast to fp32 only when read: an fp32 running sum depends on the
+    order the tokens came in, so sums made on several processes and added up would differ from one
+    process's in the last bits, while fp64 sums differ far below what the cast to fp32 keeps. Several
+    ranks then give the same statistics, bit for bit, as one."""
 
     def __init__(self, in_features: int, device, with_hessian: bool):
         self.tokens = 0
-        self.squared_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.hessian_sum = (torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.squared_norms = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.hessian_sum = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                             if with_hessian else None)
 
     def add(self, inputs: torch.Tensor) -> None:
         tokens = inputs.reshape(-1, inputs.shape[-1])
         self.tokens += tokens.shape[0]
-        # A few tokens at a time: the fp32 copy of a whole batch of MLP inputs would be tens of MB.
+        # A few tokens at a time: the fp64 copy of a whole batch of MLP inputs would be tens of MB.
         step = max(1, TOKEN_CHUNK_ELEMENTS // tokens.shape[1])
         for start in range(0, tokens.shape[0], step):
-            x = tokens[start:start + step].to(torch.float32, copy=True)  # a copy: squared in place below
+            x = tokens[start:start + step].to(torch.float64, copy=True)  # a copy: squared in place below
             if self.hessian_sum is not None:
                 self.hessian_sum.addmm_(x.T, x)
             self.squared_norms += x.square_().sum(dim=0)
@@ -37,14 +42,15 @@ class InputStatistics:
     @property
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all calibration tokens: Wanda's input-feature norms."""
-        return self.squared_norms.sqrt()
+        return self.squared_norms.to(torch.float32).sqrt()
 
     @property
     def hessian(self) -> torch.Tensor:
         """H = 2/N · Σ x xᵀ, SparseGPT's layer-wise Hessian."""
         if self.hessian_sum is None:
             raise RuntimeError("the Hessian was not collected for this layer")
-        return self.hessian_sum * (2.0 / max(self.tokens, 1))
+        hessian = self.hessian_sum.to(torch.float32)  # a new tensor: scaled in place, no second copy
+        return hessian.mul_(2.0 / max(self.tokens, 1))
 
 
 class StatisticsCollector:

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Benchmark: the same prune + MaskLoRA command on 1 process and on N ranks (torchrun, gloo, CPU).
+
+Each run is a fresh process (or torchrun launch) with OMP_NUM_THREADS=1 per process, so N ranks use
+N cores. Reports the wall time of each, the ratio, each rank's peak host memory (sampled RSS), the
+per-block split (pruning vs fitting, from report.json), and checks that the N-rank checkpoint has
+the 1-rank zeros with weights within float tolerance (max |Δw|).
+
+Without --model it builds bench_prune.py's reference model (a random LLaMA of 8.5 M parameters:
+hidden 256, 8 blocks, MLP 688).
+
+    python scripts/bench_distributed.py                       # 1 vs 2 ranks, the defaults below
+    python scripts/bench_distributed.py --ranks 4 --steps 100 --fit-batch-size 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prune import build_reference  # noqa: E402
+
+
+def measure(command: list[str], environment: dict) -> tuple[float, list[int], list[float]]:
+    """Run `command`; return wall seconds, and the peak RSS and CPU seconds of each worker process
+    (sampled every 50 ms: the CPU time misses at most a worker's last 50 ms).
+
+    CPU seconds per worker show how the work is divided even when other jobs share the cores and
+    the wall time cannot."""
+    started = time.perf_counter()
+    process = psutil.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peaks: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    while process.poll() is None:
+        try:
+            workers = [p for p in process.children(recursive=True) if "reconstruct" in " ".join(p.cmdline())]
+            for worker in workers or [process]:
+                peaks[worker.pid] = max(peaks.get(worker.pid, 0), worker.memory_info().rss)
+                times = worker.cpu_times()
+                cpu[worker.pid] = times.user + times.system
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    _, stderr = process.communicate()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+    return elapsed, sorted(peaks.values(), reverse=True), sorted(cpu.values(), reverse=True)
+
+
+def block_split(out: Path) -> tuple[float, float]:
+    report = json.loads((out / "report.json").read_text())
+    blocks = report["blocks"]
+    total = sum(b["time_s"] for b in blocks)
+    fit = sum(b.get("fit_time_s", 0.0) for b in blocks)
+    return total - fit, fit
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint (default: the 8.5 M reference LLaMA)")
+    parser.add_argument("--calib", default=None)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--method", default="wanda")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--fit-batch-size", type=int, default=8, help="global: windows per step on all ranks")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-distributed-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, calib = (Path(args.model), Path(args.calib)) if args.model else build_reference(workdir)
+    repository = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(repository), os.environ.get("PYTHONPATH", "")])}
+
+    def prune_args(out: Path) -> list[str]:
+        return ["prune", str(model), "--out", str(out), "--method", args.method, "--correction", "masklora",
+                "--steps", str(args.steps), "--fit-batch-size", str(args.fit_batch_size), "--calib", str(calib),
+                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu",
+                "--overwrite", "--cache-dir", str(workdir / "tokens")]
+
+    # Fill the token cache first, so that neither timed run pays for tokenising.
+    subprocess.run([sys.executable, "-m", "reconstruct", *prune_args(workdir / "warm-up"), "--steps", "0"],
+                   env=environment, check=True, capture_output=True)
+
+    one_out, many_out = workdir / "one-rank", workdir / f"{args.ranks}-ranks"
+    one_time, one_peaks, one_cpu = measure([sys.executable, "-m", "reconstruct", *prune_args(one_out)], environment)
+    many_time, many_peaks, many_cpu = measure([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node", str(args.ranks), "-m", "reconstruct",
+                                        *prune_args(many_out)], environment)
+
+    from safetensors.torch import load_file
+
+    largest, same_zeros = 0.0, True
+    for shard in sorted(one_out.glob("model-*.safetensors")):
+        one, many = load_file(str(shard)), load_file(str(many_out / shard.name))
+        for name, tensor in one.items():
+            largest = max(largest, float((tensor.float() - many[name].float()).abs().max()))
+            same_zeros &= bool(((tensor == 0) == (many[name] == 0)).all())
+
+    one_prune, one_fit = block_split(one_out)
+    many_prune, many_fit = block_split(many_out)
+    gib = 2**30
+    print(f"model {model.name}, {args.method} + MaskLoRA, {args.nsamples} windows x {args.seqlen} tokens, "
+          f"{args.steps} steps of {args.fit_batch_size} windows, 1 thread per process")
+    print(f"1 process : {one_time:7.1f} s wall, {one_cpu[0]:.1f} CPU s; blocks: {one_prune:.1f} s outside "
+          f"fitting, {one_fit:.1f} s fitting; peak RSS {one_peaks[0] / gib:.2f} GiB")
+    print(f"{args.ranks} ranks   : {many_time:7.1f} s wall, CPU s per rank "
+          + ", ".join(f"{c:.1f}" for c in many_cpu[:args.ranks])
+          + f"; blocks: {many_prune:.1f} s outside fitting, {many_fit:.1f} s fitting; peak RSS per rank "
+          + ", ".join(f"{p / gib:.2f}" for p in many_peaks[:args.ranks]) + " GiB")
+    print(f"wall-time ratio {many_time / one_time:.2f}; busiest rank's CPU time / 1 process's "
+          f"{many_cpu[0] / one_cpu[0]:.2f}; fitting ratio {many_fit / one_fit:.2f}; same zeros: {same_zeros}; "
+          f"max |dw| = {largest:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
