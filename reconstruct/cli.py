@@ -228,6 +228,8 @@ def run_retrain(args) -> int:
     settings = {k: v for k, v in vars(args).items()
                 if k in RetrainConfig.field_names() and k not in ("model", "out")}
     report = retrain(args.model, args.out, **settings)
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for all
+        return 0
     totals = report["totals"]
     print(f"wrote {args.out}: {report['params']} ({report['trainable_params']:,} trainable parameters, "
           f"{100 * report['trainable_fraction']:.3f}%), held-out loss {report['heldout_before']:.4f} -> "

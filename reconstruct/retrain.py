@@ -12,16 +12,22 @@ a tiny trainable subset, merged so that every zero of the checkpoint stays exact
 
 Only the trainable parameters, their optimiser state, the data position and the random state are
 saved while training: the frozen model is the input checkpoint itself.
+
+Under torchrun every rank loads the frozen model from the checkpoint itself (no weight is ever
+broadcast), takes a contiguous share of each step's windows, and the gradients of the few trainable
+parameters are summed across ranks in one flat buffer per step: `--batch-size` is global, and the
+same command gives the same model on 1 or N ranks up to float rounding. Rank 0 writes.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +35,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .api import RetrainConfig
 from .corrections import CorrectionOptions, make_correction
 from .driver import package_versions
 from .fit import autocast_for, linear_schedule
+from .lock import exclusive_lock
 from .memory import peak_rss_bytes
 from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
 from .writer import RunDirectory
@@ -195,12 +203,37 @@ class Retrainer:
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self) -> RetrainResult:
+        """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
+        self.run_dir = RunDirectory(Path(self.config.out))
+        with ExitStack() as held:
+            # First of all: a second run with the same --out must stop before touching anything.
+            distributed.on_main(lambda: held.enter_context(exclusive_lock(self.run_dir.out)),
+                                "locking the output directory")
+            return self._run()
+
+    def _run(self) -> RetrainResult:
         config = self.config
-        self.run_dir = RunDirectory(Path(config.out))
         self.open()
-        self.train_windows, self.validation = self.data()  # bad data fails before anything is written
-        resuming = self.run_dir.prepare(config.overwrite, config.resume)
-        torch.manual_seed(config.seed)  # dropout, where the model has any
+        # Rank 0 reads the data (the token cache is written once); bad data fails before any write.
+        self.train_windows, self.validation = distributed.on_main(self.data, "reading the training data")
+        resuming = distributed.on_main(lambda: self.run_dir.prepare(config.overwrite, config.resume),
+                                       "preparing the output directory")
+        self.prepare_training()
+        step = self.resume() if resuming else 0
+        if not resuming:
+            self.history["heldout"].append([0, self.heldout_loss()])
+        self.train(step)
+        verdict = self.merge_if_not_worse()
+        report = self.final_report(verdict)
+        distributed.barrier("waiting for every rank to finish training")
+        out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
+        log.info("wrote %s", out)
+        return RetrainResult(report, out)
+
+    def prepare_training(self) -> None:
+        """The correction attached, its optimiser, schedule and gradient scaler; the random state."""
+        config = self.config
+        torch.manual_seed(config.seed + distributed.rank())  # dropout, where the model has any
         self.attachment = self.correction.attach(self.model, self.masks, self.options,
                                                  torch.Generator().manual_seed(config.seed))
         self.model.requires_grad_(False)
@@ -214,17 +247,6 @@ class Retrainer:
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.history = {"step": [], "loss": [], "heldout": [], "tokens_per_s": []}
-        step = self.resume() if resuming else 0
-        if not resuming:
-            self.history["heldout"].append([0, self.heldout_loss()])
-        self.train(step)
-        verdict = self.merge_if_not_worse()
-        report = self.final_report(verdict)
-        self.write(report)
-        out = self.run_dir.finish(self.adapter.checkpoint.directory, self.adapter.output_config(),
-                                  self.shards, report)
-        log.info("wrote %s", out)
-        return RetrainResult(report, out)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -234,7 +256,8 @@ class Retrainer:
     def train(self, first_step: int) -> None:
         config = self.config
         progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
-                        desc=f"retrain {config.params}", unit="step", disable=None)
+                        desc=f"retrain {config.params}", unit="step",
+                        disable=None if distributed.is_main() else True)
         tokens_per_step = config.batch_size * config.seqlen
         self.model.train()
         with stop_requests() as stop:
@@ -248,7 +271,8 @@ class Retrainer:
                 if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
                     self.history["heldout"].append([step + 1, self.heldout_loss()])
                 progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-                if stop:
+                # Ctrl-C reaches the ranks at different moments: they stop together, after the same step.
+                if distributed.sum_floats([len(stop)], "agreeing whether to stop")[0] > 0:
                     self.save_training_state(step + 1)
                     raise KeyboardInterrupt
                 if config.save_every and (step + 1) % config.save_every == 0:
@@ -260,10 +284,12 @@ class Retrainer:
         """One optimisation step on windows step·B … (step+1)·B; returns the loss (per token)."""
         config = self.config
         batch = self.train_windows[step * config.batch_size:(step + 1) * config.batch_size]
-        tokens = batch[:, 1:].numel()
+        tokens = batch[:, 1:].numel()  # of the whole batch, on every rank: the loss is one mean
+        own = distributed.shard(len(batch))  # this rank's contiguous share of the windows
+        share = batch[own.start:own.stop]
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in batch.split(config.micro_batch_size):
+        for micro in share.split(config.micro_batch_size):
             ids = micro.to(self.device)
             with autocast_for(self.device, self.compute_dtype):
                 logits = self.model(input_ids=ids, use_cache=False).logits
@@ -274,6 +300,7 @@ class Retrainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
             del logits, loss
+        total = distributed.sum_gradients(self.attachment.trainable, [total])[0]
         if not math.isfinite(total):
             saved = self.saved_step()
             raise TrainingError(
@@ -300,25 +327,33 @@ class Retrainer:
         was_training = self.model.training
         self.model.eval()
         total = 0.0
-        for micro in self.validation.split(self.config.micro_batch_size):
+        own = distributed.shard(len(self.validation))
+        for micro in self.validation[own.start:own.stop].split(self.config.micro_batch_size):
             ids = micro.to(self.device)
             with autocast_for(self.device, self.compute_dtype):
                 total += float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
         self.model.train(was_training)
+        total = distributed.sum_floats([total], "summing the held-out loss")[0]
         return total / self.validation[:, 1:].numel()
 
     # -- resumable state -----------------------------------------------------------------------------
     def save_training_state(self, step: int) -> None:
-        state = {"step": step, "fingerprint": self.config.fingerprint(),
-                 "trainable": [p.detach().cpu() for p in self.attachment.trainable],
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                 "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-                 "history": self.history}
-        self.run_dir.save_torch(TRAINING_STATE, state)
-        self.run_dir.save_state({"fingerprint": self.config.fingerprint(), "step": step,
-                                 "command": "retrain"})
+        """Each rank's random state, then (rank 0) the trainable parameters, optimiser, schedule and
+        history, then state.json, the resume marker, last."""
+        self.run_dir.save_torch(rng_file(distributed.rank()), {
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None})
+        distributed.barrier("waiting for every rank to save its random state")
+
+        def save():
+            state = {"step": step, "fingerprint": self.config.fingerprint(),
+                     "trainable": [p.detach().cpu() for p in self.attachment.trainable],
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler else None, "history": self.history}
+            self.run_dir.save_torch(TRAINING_STATE, state)
+            self.run_dir.save_state({"fingerprint": self.config.fingerprint(), "step": step,
+                                     "command": "retrain", "world_size": distributed.world_size()})
+        distributed.on_main(save, "saving the training state")
 
     def saved_step(self) -> int:
         try:
@@ -327,7 +362,7 @@ class Retrainer:
             return 0
 
     def resume(self) -> int:
-        state = self.run_dir.load_state()
+        state = distributed.on_main(self.run_dir.load_state, "reading the resume point")
         if state.get("command") != "retrain" or state["fingerprint"] != self.config.fingerprint():
             raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings "
                              "(or by another command); rerun without --resume (and with --overwrite if "
@@ -340,10 +375,20 @@ class Retrainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"])
-        if saved["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.history = saved["history"]
+        random_state = self.run_dir.work / rng_file(distributed.rank())
+        if state.get("world_size", 1) == distributed.world_size() and random_state.exists():
+            rng = torch.load(random_state, weights_only=True)
+            torch.set_rng_state(rng["rng"])
+            if rng["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
+        else:
+            # Another number of ranks: the windows, gradients and optimiser state are the same (the
+            # batch is global), only dropout's random stream starts afresh.
+            log.warning("resuming with %d processes where the run started with %d: training continues "
+                        "from step %d, with a new random state for dropout", distributed.world_size(),
+                        state.get("world_size", 1), saved["step"])
+            torch.manual_seed(self.config.seed + distributed.rank() + saved["step"])
         log.info("resuming at step %d of %d", saved["step"], self.config.steps)
         return saved["step"]
 
@@ -367,18 +412,18 @@ class Retrainer:
         return {"merged": merged, "heldout_before": before, "heldout_after": after,
                 "kept_weights_rounded_to_zero": kept_rounded}
 
-    def write(self, report: dict) -> None:
-        """The blocks' shards and the rest (embeddings, final norm, head), in the input's tensor names."""
+    def write(self, report: dict) -> Path:
+        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names,
+        the plot, then the index, config, tokenizer and report: OUT.partial becomes OUT."""
         adapter, total = self.adapter, self.adapter.num_blocks + 1
-        self.shards = []
+        shards = []
         for index in range(adapter.num_blocks):
-            shard = self.run_dir.shard_name(index, total)
-            self.run_dir.save_shard(shard, adapter.module_tensors(adapter.block_name(index)))
-            self.shards.append(shard)
-        rest = self.run_dir.shard_name(adapter.num_blocks, total)
-        self.run_dir.save_shard(rest, adapter.non_block_tensors())
-        self.shards.append(rest)
+            shards.append(self.run_dir.shard_name(index, total))
+            self.run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
+        shards.append(self.run_dir.shard_name(adapter.num_blocks, total))
+        self.run_dir.save_shard(shards[-1], adapter.non_block_tensors())
         plot_losses(report, self.run_dir.work / "loss.png")
+        return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)
 
     def final_report(self, verdict: dict) -> dict:
         config = self.config
@@ -389,6 +434,7 @@ class Retrainer:
         total = sum(math.prod(shape) for shape in shapes.values())
         return {
             "command": "retrain", "model": config.model, "params": config.params,
+            "world_size": distributed.world_size(),
             "config": {**vars(config), "lr": config.learning_rate},
             "argv": " ".join(sys.argv), "versions": package_versions(),
             "trainable_params": self.trainable, "model_params": self.model_parameters,
@@ -432,6 +478,12 @@ def plot_losses(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
+
+
 def run(config: RetrainConfig) -> RetrainResult:
-    return Retrainer(config).run()
+    """Run `config`; under torchrun, as one of several data-parallel processes."""
+    with distributed.process_group(config.device) as device:
+        return Retrainer(dataclasses.replace(config, device=device)).run()
 

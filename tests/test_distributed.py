@@ -298,3 +298,37 @@ def test_second_run_with_the_same_out_fails_at_once_and_the_first_is_unharmed(se
     for mine, theirs in zip(shards(out), shards(masklora_reference)):
         assert mine.read_bytes() == theirs.read_bytes(), mine.name
     assert not lock_path(out).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Global retraining on two ranks: data parallel, the same command gives the same model
+RETRAIN = ["--params", "masklora+norm", "--steps", "8", "--batch-size", "4", "--seqlen", "32", "--eval-every", "4",
+           "--eval-windows", "3", "--save-every", "4", "--rank", "4", "--lr", "3e-3"]
+
+
+def retrain_args(setup, pruned: Path, out: Path) -> list[str]:
+    root, _, text = setup
+    return ["retrain", str(pruned), "--out", str(out), "--data", str(text), "--device", "cpu",
+            "--cache-dir", str(root / "cache"), *RETRAIN]
+
+
+def test_retrain_on_two_ranks_gives_the_one_rank_model(setup):
+    from reconstruct.cli import main
+
+    root = setup[0]
+    pruned = one_rank(setup, root / "retrain-input", "--method", "magnitude", "--sparsity", "0.6",
+                      "--correction", "none")
+    with one_thread():
+        assert main(retrain_args(setup, pruned, root / "retrain-one")) == 0
+    launched = subprocess.run(torchrun("-m", "reconstruct", *retrain_args(setup, pruned, root / "retrain-two")),
+                              capture_output=True, text=True, env=environment(), timeout=240)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = saved_tensors(root / "retrain-one"), saved_tensors(root / "retrain-two")
+    report = json.loads((root / "retrain-two" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["merged"]
+    assert two.keys() == one.keys()
+    largest = max(float((two[k].float() - one[k].float()).abs().max()) for k in two)
+    print(f"retrain masklora+norm, 2 ranks vs 1: max |dw| = {largest:.3g}")
+    for name in two:
+        assert torch.equal(two[name] == 0, one[name] == 0), f"{name}: zeros differ from 1 rank"
+    assert 0 < largest < 1e-5  # float rounding only (the sums are taken in another order)

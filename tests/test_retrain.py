@@ -397,3 +397,31 @@ def test_masks_from_another_model_is_refused(pruned_models, tiny_checkpoint, pru
         prune_tiny(pruned_models["llama"][0], tmp_path / "out", masks_from=str(other))
     with pytest.raises(ConfigError, match="drop --sparsity"):
         prune_tiny(pruned_models["llama"][0], tmp_path / "out", masks_from=str(other), sparsity=0.5)
+
+
+def test_a_second_retrain_into_the_same_out_fails_at_once(uninterrupted, pruned_models, sample_text, token_cache,
+                                                        tmp_path):
+    """Launched twice by mistake: the second fails at once naming the holder, touches nothing, and the
+    first finishes with the output of a lone run."""
+    from reconstruct.lock import OutputLockedError, lock_path
+
+    out = tmp_path / "contested"
+    first = subprocess.Popen(command(pruned_models["opt"][1], out, sample_text, token_cache, *STOP_STEPS),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+    try:
+        deadline = time.monotonic() + 120
+        while f'"pid": {first.pid}' not in (lock_path(out).read_text() if lock_path(out).exists() else ""):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first run never took its lock"
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(OutputLockedError, match=rf"pid {first.pid}"):
+            retrain(pruned_models["opt"][1], out, **settings(sample_text, token_cache, overwrite=True))
+        assert time.monotonic() - started < 2
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0, stderr.decode()[-2000:]
+    for shard in sorted(uninterrupted.glob("*.safetensors")):
+        assert shard.read_bytes() == (out / shard.name).read_bytes(), shard.name
