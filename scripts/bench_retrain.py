@@ -30,7 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import TESTBED, heldout_perplexity  # noqa: E402
 
-PRUNINGS = {"magnitude0.5": ("magnitude", 0.5), "wanda0.7": ("wanda", 0.7)}
+# "dense" retrains the unpruned model the same way: the control that shows what more training on
+# this data does by itself (the testbed models are small and not trained to convergence).
+PRUNINGS = {"magnitude0.5": ("magnitude", 0.5), "wanda0.7": ("wanda", 0.7), "dense": (None, 0.0)}
 # family:pruning:params[:lr]; most important first (an interrupted run keeps what it finished).
 DEFAULT_CELLS = ("llama:wanda0.7:masklora llama:wanda0.7:norm llama:wanda0.7:full llama:magnitude0.5:norm "
                  "llama:magnitude0.5:masklora opt:magnitude0.5:bias+norm opt:magnitude0.5:norm "
@@ -65,7 +67,7 @@ def quality(args) -> None:
         method, sparsity = PRUNINGS[pruning]
         dense = TESTBED / family
         record(f"{family}|dense", lambda: {"ppl": heldout_perplexity(dense, test, args.seqlen)})
-        pruned = work / f"{family}-{pruning}"
+        pruned = dense if method is None else work / f"{family}-{pruning}"
         if not (pruned / "config.json").exists():
             prune(str(dense), str(pruned), method=method, sparsity=sparsity, correction="none", calib=calib,
                   nsamples=128, seqlen=args.seqlen, device=args.device, overwrite=True)
@@ -76,13 +78,15 @@ def quality(args) -> None:
             report = prune(str(dense), str(out), method=method, sparsity=sparsity, calib=calib, nsamples=128,
                            seqlen=args.seqlen, device=args.device, overwrite=True)
             return {"ppl": heldout_perplexity(out, test, args.seqlen), "time_s": report["totals"]["wall_time_s"]}
-        record(f"{family}|{pruning}|layer-wise default", layerwise)
+        if method is not None:
+            record(f"{family}|{pruning}|layer-wise default", layerwise)
 
         def retrained():
             out = work / "retrained"
             report = retrain(str(pruned), str(out), params=params, data=calib, steps=args.steps,
                              batch_size=args.batch_size, seqlen=args.seqlen, lr=lr, device=args.device,
-                             overwrite=True, eval_every=args.steps, eval_windows=16, save_every=0)
+                             overwrite=True, eval_every=args.steps, eval_windows=16, save_every=0,
+                             allow_dense=method is None)
             return {"ppl": heldout_perplexity(out, test, args.seqlen), "merged": report["merged"],
                     "lr": lr, "tokens": report["tokens_trained"], "time_s": report["totals"]["wall_time_s"],
                     "tokens_per_s": report["totals"]["tokens_per_s"],
@@ -105,15 +109,14 @@ def render(results: dict) -> str:
         if len(parts) < 3 or parts[2] == "pruned":
             continue
         family, pruning = parts[0], parts[1]
-        dense, pruned = results[f"{family}|dense"]["ppl"], results[f"{family}|{pruning}|pruned"]["ppl"]
+        dense = results[f"{family}|dense"]["ppl"]
+        pruned = results.get(f"{family}|{pruning}|pruned", {"ppl": float("nan")})["ppl"]
         name = parts[2] + ("" if cell.get("merged", True) else " (not merged)")
-        gap = (pruned - cell["ppl"]) / (pruned - dense)
-        lines.append(f"| {family} | {pruning} | {dense:.2f} | {pruned:.2f} | {name} | {cell['ppl']:.2f} | "
-                     f"{100 * gap:.1f}% | {cell.get('lr', ''):g} | "
-                     f"{100 * cell['trainable_fraction']:.3f}% | {cell['tokens']:,} | {cell['time_s']:.0f} |"
-                     if "lr" in cell else
-                     f"| {family} | {pruning} | {dense:.2f} | {pruned:.2f} | {name} | {cell['ppl']:.2f} | "
-                     f"{100 * gap:.1f}% | | | | {cell.get('time_s', cell['seconds']):.0f} |")
+        gap = f"{100 * (pruned - cell['ppl']) / (pruned - dense):.1f}%" if pruning != "dense" else "(control)"
+        trained = (f"{cell['lr']:g} | {100 * cell['trainable_fraction']:.3f}% | {cell['tokens']:,}" if "lr" in cell
+                   else " | | ")
+        lines.append(f"| {family} | {pruning} | {dense:.2f} | {pruned:.2f} | {name} | {cell['ppl']:.2f} | {gap} | "
+                     f"{trained} | {cell.get('time_s', cell['seconds']):.0f} |")
     return "\n".join(lines)
 
 
