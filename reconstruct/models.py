@@ -374,7 +374,10 @@ class ModelAdapter:
         for index in range(self.num_blocks):
             self.load_block(index)
         loaded: dict[int, nn.Parameter] = {}
+        head, tied = self.model.get_output_embeddings(), getattr(self.config, "tie_word_embeddings", False)
         for name, module, leaf, param in self._non_block_parameters():
+            if tied and module is head and leaf == "weight":
+                continue  # the checkpoint stores the shared matrix once, as the input embedding
             if id(param) not in loaded:
                 value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
                 if value.shape != param.shape:
@@ -383,6 +386,8 @@ class ModelAdapter:
                                           "weights belong to different models")
                 loaded[id(param)] = nn.Parameter(value, requires_grad=False)
             setattr(module, leaf, loaded[id(param)])
+        if tied:  # the skeleton on meta is not tied: tie the loaded head to the loaded embedding
+            head.weight = self.model.get_input_embeddings().weight
         return self.model
 
     def non_block_tensors(self) -> dict[str, "torch.Tensor | StreamedTensor"]:
