@@ -71,15 +71,15 @@ class PruningMethod:
 
 def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask removing exactly int(in_features · sparsity) lowest scores in every row."""
-    count = int(scores.shape[1] * sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if count:
-        mask.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
-    return mask
+    return keep_all_but_lowest(scores, int(scores.shape[1] * sparsity))
 
 
 def lowest_per_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask removing exactly int(numel · sparsity) lowest scores of the whole matrix."""
+    """Keep-mask removing exactly int(numel · sparsity) lowest scores of the whole matrix.
+
+    Magnitude's one threshold per matrix: with half-precision weights many |W| are equal at the
+    threshold, so the tie rule of `keep_all_but_lowest` would hand the whole matrix to top-k anyway,
+    after a wasted selection; top-k is used directly."""
     count = int(scores.numel() * sparsity)
     mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if count:
@@ -90,10 +90,32 @@ def lowest_per_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def lowest_per_group(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Keep-mask removing the M−N lowest scores of every M consecutive inputs in each row."""
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-    mask = torch.ones_like(groups, dtype=torch.bool)
-    mask.scatter_(2, torch.topk(groups, pattern.m - pattern.n, dim=2, largest=False).indices, False)
-    return mask.reshape(rows, cols)
+    groups = scores.reshape(rows * (cols // pattern.m), pattern.m)
+    return keep_all_but_lowest(groups, pattern.m - pattern.n).reshape(rows, cols)
+
+
+def keep_all_but_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask of a 2-D `scores`: False at the `count` lowest scores of every row.
+
+    The count-th lowest score of each row (`kthvalue`, a selection without sorting and without
+    int64 indices) is a threshold: a row loses exactly the scores at or below it. That choice is the
+    only one unless scores tie at the threshold (more than `count` at or below it, or NaN); those
+    rows, rare with real weights, are decided by `topk`, the rule every mask was chosen by before:
+    masks are identical to top-k's, ties included."""
+    if count == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, count, dim=1, keepdim=True).values
+    keep = scores > threshold
+    tied_rows = (keep.sum(dim=1) != scores.shape[1] - count).nonzero().flatten()
+    if tied_rows.numel():
+        keep[tied_rows] = _keep_all_but_lowest_by_topk(scores[tied_rows], count)
+    return keep
+
+
+def _keep_all_but_lowest_by_topk(scores: torch.Tensor, count: int) -> torch.Tensor:
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+    return keep
 
 
 def row_mask(scores: torch.Tensor, sparsity: float, pattern: NMPattern | None) -> torch.Tensor:
