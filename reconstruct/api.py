@@ -58,6 +58,7 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     cache_dir: str | None = None
+    error_windows: int = 4               # windows the per-layer error report is measured on; 0 = none
 
     # -- derived values ------------------------------------------------------------------------------
     @property
@@ -83,7 +84,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A hash of every setting that changes the output; a resumed run must match it."""
         ignored = {"out", "overwrite", "resume", "device", "batch_size", "offload_activations",
-                   "activation_budget_gb", "cache_dir"}
+                   "activation_budget_gb", "cache_dir", "error_windows"}  # none changes the weights
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -105,6 +106,8 @@ class RunConfig:
         for name in ("nsamples", "seqlen", "batch_size", "fit_batch_size", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.error_windows < 0:
+            raise ConfigError(f"error_windows must be 0 (no per-layer error report) or more, not {self.error_windows}")
         if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup <= 1:
             raise ConfigError("fitting needs steps >= 0, lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
         if self.granularity not in GRANULARITIES:
@@ -130,11 +133,13 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
 
-def prune(model: str, out: str, **settings) -> dict:
+def prune(model: str, out: str, *, startup_s: float = 0.0, **settings) -> dict:
     """Prune (and by default repair) `model` into the checkpoint directory `out`; return the report.
 
     Settings are the fields of `RunConfig`, e.g. `prune("meta-llama/Llama-2-7b-hf", "out",
-    method="sparsegpt", sparsity=0.6, correction="masklora", calib="c4")`.
+    method="sparsegpt", sparsity=0.6, correction="masklora", calib="c4")`. `startup_s`: seconds
+    already spent on this run before the call (the command line passes its process's age: interpreter
+    start-up and imports), counted in the report's wall time as the phase `imports`.
     """
     from .driver import run
 
@@ -142,4 +147,4 @@ def prune(model: str, out: str, **settings) -> dict:
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RunConfig.field_names()}")
     config = RunConfig(model=str(model), out=str(Path(out)), **settings).validate()
-    return run(config).report
+    return run(config, startup_s).report

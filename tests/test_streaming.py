@@ -268,11 +268,22 @@ def test_layer_error_meter_reads_dense_weights_in_pieces():
         for start in range(0, 10, 3):  # pieces of 3, 3, 3 and 1 rows
             yield slice(start, start + 3), dense[start:start + 3]
 
-    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows) as meter, torch.no_grad():
-        linear(x)
     pruned = linear.weight.detach()
-    expected = (x @ (dense - pruned).T).pow(2).sum() / (x @ dense.T).pow(2).sum()
-    assert meter.relative("proj") == pytest.approx(float(expected), rel=1e-5)
+    for windows in (1, 2, 5):  # the first window of the batch of 2; both; more than the batch
+        with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, windows) as meter, torch.no_grad():
+            meter.batch(0, 2)
+            linear(x)
+        sample = x[:windows]
+        expected = (sample @ (dense - pruned).T).pow(2).sum() / (sample @ dense.T).pow(2).sum()
+        assert meter.relative("proj") == pytest.approx(float(expected), rel=1e-5)
+    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, 1) as meter, torch.no_grad():
+        meter.batch(2, 4)  # windows past the sample are not measured
+        linear(x)
+    assert meter.error["proj"] == meter.reference["proj"] == 0
+    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, 0) as meter, torch.no_grad():
+        meter.batch(0, 2)
+        linear(x)
+    assert meter.relative("proj") is None  # --error-windows 0: no report
 
 
 def test_statistics_in_token_chunks_are_the_whole_batch_statistics(monkeypatch):

@@ -59,7 +59,8 @@ class PruningMethod:
     """One way of choosing (and possibly updating) the weights of a linear layer that survive."""
 
     name: str = ""
-    needs_hessian: bool = False  # SparseGPT needs H = 2XXᵀ/N; the others only column norms
+    needs_statistics: bool = True  # input statistics of the dense block; magnitude needs none
+    needs_hessian: bool = False    # SparseGPT needs H = 2XXᵀ/N; Wanda only column norms
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: NMPattern | None, layer: str = "", return_mask: bool = True) -> PruneResult:
