@@ -59,6 +59,7 @@ class RunConfig:
     resume: bool = False
     cache_dir: str | None = None
     error_windows: int = 4               # windows the per-layer error report is measured on; 0 = none
+    prefetch: str = "auto"               # read the next block in the background: auto (accelerators) | on | off
 
     # -- derived values ------------------------------------------------------------------------------
     @property
@@ -84,7 +85,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A hash of every setting that changes the output; a resumed run must match it."""
         ignored = {"out", "overwrite", "resume", "device", "batch_size", "offload_activations",
-                   "activation_budget_gb", "cache_dir", "error_windows"}  # none changes the weights
+                   "activation_budget_gb", "cache_dir", "error_windows", "prefetch"}  # none changes the weights
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -118,6 +119,8 @@ class RunConfig:
             raise ConfigError(f"--granularity {self.granularity} supports only --target sparse-inputs")
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.prefetch not in ("auto", "on", "off"):
+            raise ConfigError(f"prefetch must be auto, on or off, not {self.prefetch!r}")
         if self.offload_activations not in ("auto", "ram", "disk"):
             raise ConfigError("--offload-activations must be auto, ram or disk")
         if self.heldout_windows and (not 0 < self.heldout < 1 or self.nsamples - self.heldout_windows < 1):

@@ -82,6 +82,10 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--error-windows", type=int, default=d.error_windows, metavar="N",
                      help="calibration windows the per-layer output errors of report.json are measured on; "
                      "each costs about a replay of that window; 0 skips the measurement (default: %(default)s)")
+    run.add_argument("--prefetch", choices=["auto", "on", "off"], default=d.prefetch,
+                     help="read the next block's weights in a background thread while the current one "
+                     "computes; it holds one more block in host memory, so auto means on for an "
+                     "accelerator, off on the CPU (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from OUT.partial (same settings required)")

@@ -36,6 +36,7 @@ from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
+from .prefetch import BlockPrefetcher
 from .pruning import METHODS, PruningError, PruningMethod
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
@@ -273,6 +274,14 @@ class Driver:
                                          self.config.seqlen, seed=self.config.seed,
                                          text_field=self.config.text_field, cache_dir=self.config.cache_dir)
 
+    def block_prefetcher(self) -> BlockPrefetcher | None:
+        """The background reader of the next block (reconstruct/prefetch.py), or None: `--prefetch
+        auto` reads ahead on an accelerator only, since it holds one more block in host memory."""
+        if self.config.prefetch == "off" or (self.config.prefetch == "auto" and self.device.type == "cpu"):
+            return None
+        return BlockPrefetcher(lambda index: self.adapter.module_reader(self.adapter.block_name(index)),
+                               pin_memory=self.device.type == "cuda")
+
     def store_factory(self) -> StoreFactory:
         # inputs and outputs; a correction's targets; the dense model's own activations (in and out)
         streams = 2 + (self.correction is not None) + (2 if self.config.target != "sparse-inputs" else 0)
@@ -302,9 +311,14 @@ class Driver:
             progress = tqdm(range(state["next_block"], n), initial=state["next_block"], total=n,
                             desc="blocks", unit="block", disable=None)
             inputs, dense_inputs = self.open_inputs(state)
-        for index in progress:
-            inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
-            progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
+        self.prefetcher = self.block_prefetcher()
+        try:
+            for index in progress:
+                inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
+                progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
+        finally:
+            if self.prefetcher:
+                self.prefetcher.close()
         # The report's wall time ends here; writing the index, config and report takes milliseconds.
         report = self.final_report(state)
         out = self.run_dir.finish(self.adapter.checkpoint.directory, self.output_config(),
@@ -389,7 +403,11 @@ class Driver:
         clock = PhaseClock(self.device)  # this block's phases; added to the run's when it is done
         name = adapter.block_name(index)
         with clock.phase("load"):
-            block = adapter.load_block(index).to(self.device)
+            prefetched = self.prefetcher.take(index) if self.prefetcher else None
+            block = adapter.load_block(index, prefetched).to(self.device, non_blocking=True)
+            del prefetched
+            if self.prefetcher and index + 1 < adapter.num_blocks:
+                self.prefetcher.start(index + 1)  # read while this block computes
             call = kwargs_to(self.calls[index], self.device)
             linears = prunable_linears(block, config.layers)
         shape = inputs.shape
