@@ -46,7 +46,8 @@ class NMPattern:
                                f"of {self.m}; choose an M that divides it or prune without --pattern")
 
 
-ROW_CHUNK_ELEMENTS = 2**18  # scores are computed for about this many weights at a time
+ROW_CHUNK_ELEMENTS = 2**18              # scores are computed for about this many weights at a time
+ACCELERATOR_ROW_CHUNK_ELEMENTS = 2**24  # on an accelerator (device memory is not the host's limit)
 
 
 @dataclass
@@ -132,8 +133,10 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def row_chunks(weight: torch.Tensor) -> list[slice]:
-    """Slices of whole rows of about ROW_CHUNK_ELEMENTS weights each. Per-row selections (Wanda,
-    N:M) are made a chunk at a time, so their fp32 scores, top-k values and int64 indices, several
-    times the weight's own size if made at once, stay a few MB."""
-    step = max(1, ROW_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    """Slices of whole rows of about ROW_CHUNK_ELEMENTS weights each (more on an accelerator).
+    Per-row selections (Wanda, N:M) are made a chunk at a time, so their fp32 scores and selection
+    scratch, several times the weight's own size if made at once, stay a few MB on the CPU (rows are
+    independent, so the chunking never changes a mask)."""
+    chunk = ROW_CHUNK_ELEMENTS if weight.device.type == "cpu" else ACCELERATOR_ROW_CHUNK_ELEMENTS
+    step = max(1, chunk // max(1, weight.shape[1]))
     return [slice(start, start + step) for start in range(0, weight.shape[0], step)]
