@@ -421,7 +421,8 @@ class Driver:
             with clock.phase("observe"):
                 targets = (self.stores.create(f"targets-{index:05d}", shape, inputs.dtype) if needs_targets
                            else None)
-                stats = observe(block, fit_inputs, call, linears, self.method.needs_hessian, self.batch_size,
+                observed = linears if self.method.needs_statistics else {}  # magnitude: targets only
+                stats = observe(block, fit_inputs, call, observed, self.method.needs_hessian, self.batch_size,
                                 self.device, targets)
                 if config.target == "dense":
                     replay(block, dense_inputs, call, self.batch_size, self.device, targets)
