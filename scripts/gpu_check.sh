@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check of the engine on one CUDA GPU, about 6-8 minutes in all:
+# One prepared check of the engine on one CUDA GPU, at most 8 minutes (each step has a time limit;
+# 120 + 90 + 2 x 120 s):
 #   1. the CUDA-only tests (pytest -m cuda);
 #   2. a random LLaMA-2-7B-shaped bf16 model (hidden 4096, MLP 11008, 32 heads, vocabulary 32000) with
 #      its first GPU_CHECK_BLOCKS blocks (default 4) written once to $GPU_CHECK_DIR;
@@ -38,9 +39,9 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
 PY
 nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv || true
 
-step "CUDA tests" 150 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider
+step "CUDA tests" 120 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider
 
-step "7B-shaped model ($BLOCKS blocks)" 150 python3 - "$DIR" "$BLOCKS" "$NSAMPLES" "$SEQLEN" <<'PY'
+step "7B-shaped model ($BLOCKS blocks)" 90 python3 - "$DIR" "$BLOCKS" "$NSAMPLES" "$SEQLEN" <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, "scripts")
@@ -58,7 +59,7 @@ PY
 
 prune() {  # prune NAME EXTRA-ARGS...: one timed run, then its phases and peaks
     local name=$1; shift
-    step "prune: $name" 180 python3 -m reconstruct prune "$DIR/llama7b-$BLOCKS" --out "$DIR/out-$name" --overwrite \
+    step "prune: $name" 120 python3 -m reconstruct prune "$DIR/llama7b-$BLOCKS" --out "$DIR/out-$name" --overwrite \
         --device cuda --method wanda --sparsity 0.5 --calib "$DIR/calib.txt" --nsamples "$NSAMPLES" \
         --seqlen "$SEQLEN" --cache-dir "$DIR/tokens" "$@"
     [ -f "$DIR/out-$name/report.json" ] && python3 - "$DIR/out-$name/report.json" <<'PY'
