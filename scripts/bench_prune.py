@@ -77,7 +77,9 @@ def measure(command: list[str], threads: int, log: Path, pythonpath: str | None 
         environment["PYTHONPATH"] = pythonpath
     started = time.perf_counter()
     with open(log, "w") as output:
-        process = subprocess.Popen(command, env=environment, stdout=output, stderr=subprocess.STDOUT)
+        # Run from the log's directory: `python -m` puts the working directory first on sys.path, and
+        # a checkout there would shadow the one PYTHONPATH names.
+        process = subprocess.Popen(command, env=environment, stdout=output, stderr=subprocess.STDOUT, cwd=log.parent)
         watched, peak_rss = psutil.Process(process.pid), 0
         while True:
             # wait4 reaps the child and returns its own resource usage (CPU time, high-water RSS).
