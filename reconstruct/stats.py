@@ -33,11 +33,15 @@ class InputStatistics:
         # A few tokens at a time: the fp32 copy of a whole batch of MLP inputs would be tens of MB.
         chunk = TOKEN_CHUNK_ELEMENTS if tokens.device.type == "cpu" else ACCELERATOR_TOKEN_CHUNK_ELEMENTS
         step = max(1, chunk // tokens.shape[1])
+        converted = tokens.dtype != torch.float32  # .float() copies then; otherwise it is the caller's
         for start in range(0, tokens.shape[0], step):
-            x = tokens[start:start + step].to(torch.float32, copy=True)  # a copy: squared in place below
+            x = tokens[start:start + step].float()
             if self.hessian_sum is not None:
                 self.hessian_sum.addmm_(x.T, x)
-            self.squared_norms += x.square_().sum(dim=0)
+            # Our own fp32 copy is squared in place; the caller's fp32 tensor is squared into a new
+            # one (one pass instead of a copy and a square; the same values either way).
+            squares = x.square_() if converted else x.square()
+            self.squared_norms += squares.sum(dim=0)
 
     @property
     def column_norms(self) -> torch.Tensor:
