@@ -38,6 +38,7 @@ from .memory import default_activation_budget, limit_heap_fragmentation, peak_rs
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears
 from .prefetch import BlockPrefetcher
 from .pruning import METHODS, PruningError, PruningMethod
+from .pruning.base import row_chunks
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
 from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
@@ -620,14 +621,17 @@ def block_dtype(block: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def zero_count(tensor: torch.Tensor) -> int:
-    """How many entries are zero (+0.0 or −0.0), counted on the bits: `count_nonzero` of bf16 or
-    fp32 values is several times slower than of integers of the same width. Doubling the bit
-    pattern (wrapping) drops the sign bit, so both zeros become the integer 0 and nothing else does."""
-    if not tensor.is_floating_point():
-        return tensor.numel() - int(tensor.count_nonzero())
-    bits = tensor.view(_SAME_WIDTH_INTEGER[tensor.element_size()])
-    return tensor.numel() - int((bits + bits).count_nonzero())
+def zero_count(weight: torch.Tensor) -> int:
+    """How many entries of a matrix are zero (+0.0 or −0.0), counted on the bits: `count_nonzero`
+    of bf16 or fp32 values is several times slower than of integers of the same width. Doubling the
+    bit pattern (wrapping) drops the sign bit, so both zeros become the integer 0 and nothing else
+    does. A chunk of rows at a time: the doubled bits are a temporary of the chunk's size, not of the
+    weight's (host memory is the limit on the CPU)."""
+    if not weight.is_floating_point():
+        return weight.numel() - int(weight.count_nonzero())
+    bits = weight.view(_SAME_WIDTH_INTEGER[weight.element_size()])
+    nonzero = sum(int((bits[rows] + bits[rows]).count_nonzero()) for rows in row_chunks(weight))
+    return weight.numel() - nonzero
 
 
 _SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
