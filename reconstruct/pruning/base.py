@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..stats import InputStatistics
@@ -99,19 +100,30 @@ def lowest_per_group(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
 def keep_all_but_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Keep-mask of a 2-D `scores`: False at the `count` lowest scores of every row.
 
-    The count-th lowest score of each row (`kthvalue`, a selection without sorting and without
+    The count-th lowest score of each row (`kth_lowest`, a selection without sorting and without
     int64 indices) is a threshold: a row loses exactly the scores at or below it. That choice is the
     only one unless scores tie at the threshold (more than `count` at or below it, or NaN); those
     rows, rare with real weights, are decided by `topk`, the rule every mask was chosen by before:
     masks are identical to top-k's, ties included."""
     if count == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(scores, count, dim=1, keepdim=True).values
-    keep = scores > threshold
+    keep = scores > kth_lowest(scores, count)
     tied_rows = (keep.sum(dim=1) != scores.shape[1] - count).nonzero().flatten()
     if tied_rows.numel():
         keep[tied_rows] = _keep_all_but_lowest_by_topk(scores[tied_rows], count)
     return keep
+
+
+def kth_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The count-th lowest score of each row of a 2-D `scores`, as a column [rows, 1].
+
+    On the CPU numpy's introselect (`np.partition`) is about twice as fast as `torch.kthvalue`,
+    which also tracks indices; both put NaN last. Any threshold is safe in `keep_all_but_lowest`:
+    a row is only accepted when exactly `count` scores are at or below it."""
+    if scores.device.type == "cpu":
+        partitioned = np.partition(scores.numpy(), count - 1, axis=1)
+        return torch.from_numpy(np.ascontiguousarray(partitioned[:, count - 1:count]))
+    return torch.kthvalue(scores, count, dim=1, keepdim=True).values
 
 
 def _keep_all_but_lowest_by_topk(scores: torch.Tensor, count: int) -> torch.Tensor:
