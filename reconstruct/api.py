@@ -60,6 +60,8 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     cache_dir: str | None = None
+    error_windows: int = 4               # windows the per-layer error report is measured on; 0 = none
+    prefetch: str = "auto"               # read the next block in the background: auto (accelerators) | on | off
 
     # -- derived values ------------------------------------------------------------------------------
     @property
@@ -85,7 +87,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A hash of every setting that changes the output; a resumed run must match it."""
         ignored = {"out", "overwrite", "resume", "device", "batch_size", "offload_activations",
-                   "activation_budget_gb", "cache_dir"}
+                   "activation_budget_gb", "cache_dir", "error_windows", "prefetch"}  # none changes the weights
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -110,6 +112,8 @@ class RunConfig:
         for name in ("nsamples", "seqlen", "batch_size", "fit_batch_size", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.error_windows < 0:
+            raise ConfigError(f"error_windows must be 0 (no per-layer error report) or more, not {self.error_windows}")
         if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup <= 1:
             raise ConfigError("fitting needs steps >= 0, lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
         if self.granularity not in GRANULARITIES:
@@ -120,6 +124,8 @@ class RunConfig:
             raise ConfigError(f"--granularity {self.granularity} supports only --target sparse-inputs")
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.prefetch not in ("auto", "on", "off"):
+            raise ConfigError(f"prefetch must be auto, on or off, not {self.prefetch!r}")
         if self.offload_activations not in ("auto", "ram", "disk"):
             raise ConfigError("--offload-activations must be auto, ram or disk")
         if self.heldout_windows and (not 0 < self.heldout < 1 or self.nsamples - self.heldout_windows < 1):
@@ -135,11 +141,13 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
 
-def prune(model: str, out: str, **settings) -> dict:
+def prune(model: str, out: str, *, startup_s: float = 0.0, **settings) -> dict:
     """Prune (and by default repair) `model` into the checkpoint directory `out`; return the report.
 
     Settings are the fields of `RunConfig`, e.g. `prune("meta-llama/Llama-2-7b-hf", "out",
-    method="sparsegpt", sparsity=0.6, correction="masklora", calib="c4")`.
+    method="sparsegpt", sparsity=0.6, correction="masklora", calib="c4")`. `startup_s`: seconds
+    already spent on this run before the call (the command line passes its process's age: interpreter
+    start-up and imports), counted in the report's wall time as the phase `imports`.
     """
     from .driver import run
 
@@ -147,7 +155,7 @@ def prune(model: str, out: str, **settings) -> dict:
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RunConfig.field_names()}")
     config = RunConfig(model=str(model), out=str(Path(out)), **settings).validate()
-    return run(config).report
+    return run(config, startup_s).report
 
 
 # --------------------------------------------------------------------------------------------------

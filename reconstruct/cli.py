@@ -12,6 +12,7 @@ from .api import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TAR
                   default_device)
 from .corrections import choices as correction_choices
 from .pruning import METHODS
+from .timing import process_age_seconds
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -84,6 +85,13 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                      "--activation-budget-gb (default: %(default)s)")
     run.add_argument("--activation-budget-gb", type=float, default=None,
                      help="host RAM allowed for activations before they go to disk (default: half the free RAM)")
+    run.add_argument("--error-windows", type=int, default=d.error_windows, metavar="N",
+                     help="calibration windows the per-layer output errors of report.json are measured on; "
+                     "each costs about a replay of that window; 0 skips the measurement (default: %(default)s)")
+    run.add_argument("--prefetch", choices=["auto", "on", "off"], default=d.prefetch,
+                     help="read the next block's weights in a background thread while the current one "
+                     "computes; it holds one more block in host memory, so auto means on for an "
+                     "accelerator, off on the CPU (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from OUT.partial (same settings required)")
@@ -208,11 +216,11 @@ def _available_extra_commands():
     return {name: spec for name, spec in _EXTRA_COMMANDS.items() if importlib.util.find_spec(spec[0])}
 
 
-def run_prune(args) -> int:
+def run_prune(args, startup_s: float = 0.0) -> int:
     from .api import prune
 
     settings = {k: v for k, v in vars(args).items() if k in RunConfig.field_names() and k not in ("model", "out")}
-    report = prune(args.model, args.out, **settings)
+    report = prune(args.model, args.out, startup_s=startup_s, **settings)
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all
         return 0
     totals = report["totals"]
@@ -271,11 +279,15 @@ def run_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: this process is the command (`reconstruct …`, `python -m reconstruct …`), and a
+    prune's report counts the process's start-up and imports in its wall time."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"prune": run_prune, "retrain": run_retrain, "eval": run_eval, "demo": run_demo}
+    startup_s = process_age_seconds() if argv is None else 0.0
+    handlers = {"prune": lambda a: run_prune(a, startup_s), "retrain": run_retrain, "eval": run_eval,
+                "demo": run_demo}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

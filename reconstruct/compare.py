@@ -89,7 +89,7 @@ def layer_rows(runs: list[Run]) -> list[tuple[str, list[float | None]]]:
         rows.append((name, values))
     totals = []
     for run in runs:
-        errors = [entry["rel_error"] for entry in run.report["layers"]]
+        errors = [entry["rel_error"] for entry in run.report["layers"] if entry["rel_error"] is not None]
         totals += [run.report["totals"]["pruned_sparsity"], statistics.fmean(errors) if errors else None]
     rows.append(("total (sparsity of all; mean error)", totals))
     return rows

@@ -40,16 +40,15 @@ from .fit import FitOptions, FitReport, fit_correction
 from .lock import exclusive_lock
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
 from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
-from .pruning import METHODS, PruningError
+from .prefetch import BlockPrefetcher
+from .pruning import METHODS, PruningError, PruningMethod
+from .pruning.base import row_chunks
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
+from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
 from .writer import RunDirectory
 
 log = logging.getLogger(__name__)
-
-# Per-layer output errors in report.json are measured on this many calibration windows: a sample
-# is enough for a report, and measuring costs an extra matmul per linear.
-ERROR_SAMPLE_WINDOWS = 16
 
 
 @dataclass
@@ -76,7 +75,7 @@ def observe(block, inputs: ActivationStore, call, linears, needs_hessian: bool, 
     return collector.stats
 
 
-def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsity: float, pattern,
+def prune_linears(linears: dict[str, nn.Linear], stats, method: PruningMethod, sparsity: float, pattern,
                   block_name: str, keep_masks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Prune each linear in place; return the keep-masks (only if `keep_masks`: a correction needs
     them, and they are half a bf16 block's size) and a note for any layer handled specially.
@@ -88,15 +87,16 @@ def prune_linears(linears: dict[str, nn.Linear], stats, method_name: str, sparsi
     owner = distributed.owners([linear.weight.numel() * linear.in_features for linear in linears.values()])
     for (name, linear), pruned_by in zip(linears.items(), owner):
         layer_stats = stats.get(name)
-        method = METHODS[method_name]
-        if layer_stats is None or layer_stats.tokens == 0:
+        if method.needs_statistics and (layer_stats is None or layer_stats.tokens == 0):
             # A mixture-of-experts expert that no calibration token was routed to has no statistics.
-            method = METHODS["magnitude"]
+            layer_method = METHODS["magnitude"]
             notes[name] = "no calibration tokens reached this layer: pruned by magnitude"
+        else:
+            layer_method = method
         if pruned_by != distributed.rank():
             continue
-        result = method.prune(linear.weight.data, layer_stats, sparsity, pattern, layer=f"{block_name}.{name}",
-                              return_mask=keep_masks)
+        result = layer_method.prune(linear.weight.data, layer_stats, sparsity, pattern,
+                                    layer=f"{block_name}.{name}", return_mask=keep_masks)
         linear.weight.data = result.weight.to(linear.weight.dtype)
         if keep_masks:
             masks[name] = result.mask
@@ -128,34 +128,48 @@ def take_pruned_weights(linears: dict[str, nn.Linear], source: ModelAdapter, blo
 
 
 class LayerErrorMeter:
-    """Forward hooks measuring each linear's relative output error against its dense weights.
+    """Forward hooks measuring each linear's relative output error against its dense weights, on the
+    first `windows` calibration windows replayed (0: not measured).
 
+    A sample is enough for a report, and measuring costs one more matmul per linear on the sampled
+    tokens (as much as replaying them): with all windows it made the replay twice as long.
     `dense_rows(name)` yields (rows, dense weight of those rows) pieces: the dense weights are read
     back from the checkpoint a few MB at a time rather than kept as a copy of the whole block.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], dense_rows):
+    def __init__(self, linears: dict[str, nn.Linear], dense_rows, windows: int):
         self.linears, self.dense_rows = linears, dense_rows
+        self.windows = windows
         self.error = dict.fromkeys(linears, 0.0)
         self.reference = dict.fromkeys(linears, 0.0)
-        self.measuring = True
+        self.batch_windows = 0      # windows in the batch being replayed
+        self.measured_windows = 0   # how many of them, from its first, are measured
         self._handles = []
 
     def __enter__(self):
-        for name, linear in self.linears.items():
-            self._handles.append(linear.register_forward_hook(self._hook(name)))
+        if self.windows:
+            for name, linear in self.linears.items():
+                self._handles.append(linear.register_forward_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
 
+    def batch(self, start: int, stop: int) -> None:
+        """Tell the meter that windows start:stop are replayed next."""
+        self.batch_windows = stop - start
+        self.measured_windows = max(0, min(stop, self.windows) - start)
+
     def _hook(self, name):
         def hook(module, args, output):
-            if not self.measuring:
+            if not self.measured_windows:
                 return
-            # One matmul with the weight change gives the output change: X·(W_dense − W)ᵀ.
             x = args[0]
+            if x.dim() >= 3 and x.shape[0] == self.batch_windows:  # [windows, tokens, in]: the sample
+                x, output = x[:self.measured_windows], output[:self.measured_windows]
+            # (A mixture-of-experts expert sees the tokens routed to it, [tokens, in]: all of them.)
+            # One matmul with the weight change gives the output change: X·(W_dense − W)ᵀ.
             for rows, dense_weight in self.dense_rows(name):
                 change = nn.functional.linear(x, (dense_weight.to(module.weight.device) - module.weight[rows])
                                               .to(x.dtype)).float()
@@ -163,7 +177,10 @@ class LayerErrorMeter:
                 self.reference[name] += float((output[..., rows].float() + change).pow(2).sum())
         return hook
 
-    def relative(self, name: str) -> float:
+    def relative(self, name: str) -> float | None:
+        """‖ΔY‖²/‖Y_dense‖² of the sample; None when not measured, NaN for an all-zero output."""
+        if not self.windows:
+            return None
         return self.error[name] / self.reference[name] if self.reference[name] > 0 else float("nan")
 
     def sum_across_ranks(self) -> None:
@@ -180,8 +197,8 @@ def replay(block, inputs: ActivationStore, call, batch_size: int, device, output
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
-            if meter is not None:  # per-layer errors are a report, measured on the first windows only
-                meter.measuring = first_window + start < ERROR_SAMPLE_WINDOWS
+            if meter is not None:  # in calibration-window numbers: the sample is the first windows
+                meter.batch(first_window + start, first_window + min(start + batch_size, len(inputs)))
             outputs[window] = call_block(block, inputs[window].to(device), call)
 
 
@@ -230,10 +247,14 @@ class _UnitCaught(Exception):
 class Driver:
     """Holds one run's settings, model and stores; `run()` is the loop in the module docstring."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, startup_s: float = 0.0):
+        """`startup_s`: seconds the caller spent before this run (a command's interpreter start-up and
+        imports), counted in the report's wall time as the phase `imports`."""
         self.config = config
         self.device = torch.device(config.device)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - startup_s
+        self.clock = PhaseClock(self.device)  # the whole run's phases; each block has its own too
+        self.clock.add("imports", startup_s)
         self.method = METHODS[config.method]
         self.pattern = config.nm_pattern
         self.sparsity = config.effective_sparsity
@@ -330,6 +351,14 @@ class Driver:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
+    def block_prefetcher(self) -> BlockPrefetcher | None:
+        """The background reader of the next block (reconstruct/prefetch.py), or None: `--prefetch
+        auto` reads ahead on an accelerator only, since it holds one more block in host memory."""
+        if self.config.prefetch == "off" or (self.config.prefetch == "auto" and self.device.type == "cpu"):
+            return None
+        return BlockPrefetcher(lambda index: self.adapter.module_reader(self.adapter.block_name(index)),
+                               pin_memory=self.device.type == "cuda")
+
     def store_factory(self) -> StoreFactory:
         # inputs and outputs; a correction's targets; the dense model's own activations (in and out)
         streams = 2 + (self.correction is not None) + (2 if self.config.target != "sparse-inputs" else 0)
@@ -358,31 +387,41 @@ class Driver:
             return self._run()
 
     def _run(self) -> RunResult:
-        self.open()
-        self.check_world_size()
+        clock = self.clock
+        with clock.phase("open"):
+            self.open()
+            self.check_world_size()
 
         def windows_unless_resuming():  # may fail on bad data: before anything is written
             if self.config.resume and self.run_dir.work.joinpath("state.json").exists():
                 return None
             return self.calibration_windows()
 
-        # Rank 0 reads the calibration data (the token cache is written once) and every rank gets it.
-        windows = distributed.on_main(windows_unless_resuming, "reading the calibration data")
-        resuming = distributed.on_main(lambda: self.run_dir.prepare(self.config.overwrite, self.config.resume),
-                                       "preparing the output directory")
-        self.activations = self.rank_activations()
-        self.stores = self.store_factory()
-        if resuming:
-            state = self.resume_state()
-        else:
-            state = self.start(windows)
-        n = self.adapter.num_blocks
-        progress = tqdm(range(state["next_block"], n), initial=state["next_block"], total=n,
-                        desc="blocks", unit="block", disable=None if distributed.is_main() else True)
-        inputs, dense_inputs = self.open_inputs(state)
-        for index in progress:
-            inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
-            progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
+        with clock.phase("calibration"):
+            # Rank 0 reads the calibration data (the token cache is written once); every rank gets it.
+            windows = distributed.on_main(windows_unless_resuming, "reading the calibration data")
+        with clock.phase("capture"):
+            resuming = distributed.on_main(lambda: self.run_dir.prepare(self.config.overwrite, self.config.resume),
+                                           "preparing the output directory")
+            self.activations = self.rank_activations()
+            self.stores = self.store_factory()
+            if resuming:
+                state = self.resume_state()
+            else:
+                state = self.start(windows)
+            n = self.adapter.num_blocks
+            progress = tqdm(range(state["next_block"], n), initial=state["next_block"], total=n,
+                            desc="blocks", unit="block", disable=None if distributed.is_main() else True)
+            inputs, dense_inputs = self.open_inputs(state)
+        self.prefetcher = self.block_prefetcher()
+        try:
+            for index in progress:
+                inputs, dense_inputs = self.process_block(index, inputs, dense_inputs, state)
+                progress.set_postfix_str(self.block_summary(state["blocks"][-1]))
+        finally:
+            if self.prefetcher:
+                self.prefetcher.close()
+        # The report's wall time ends here; writing the index, config and report takes milliseconds.
         report = self.final_report(state)
         if distributed.world_size() > 1:  # each rank's own activations; rank 0's finish removes the rest
             shutil.rmtree(self.activations, ignore_errors=True)
@@ -484,82 +523,106 @@ class Driver:
                 inputs, dense_inputs = self.open_inputs(state)  # RAM inputs may be half overwritten
 
     def _process_block(self, index, inputs, dense_inputs, state):
-        adapter, config, started = self.adapter, self.config, time.perf_counter()
+        adapter, config = self.adapter, self.config
+        clock = PhaseClock(self.device)  # this block's phases; added to the run's when it is done
         name = adapter.block_name(index)
-        block = adapter.load_block(index).to(self.device)
-        call = kwargs_to(self.calls[index], self.device)
-        linears = prunable_linears(block, config.layers)
+        with clock.phase("load"):
+            prefetched = self.prefetcher.take(index) if self.prefetcher else None
+            block = adapter.load_block(index, prefetched).to(self.device, non_blocking=True)
+            del prefetched
+            if self.prefetcher and index + 1 < adapter.num_blocks:
+                self.prefetcher.start(index + 1)  # read while this block computes
+            call = kwargs_to(self.calls[index], self.device)
+            linears = prunable_linears(block, config.layers)
         shape = inputs.shape
 
         # 1. Run the dense block: statistics of every linear's inputs, and the dense outputs (targets).
+        #    Magnitude pruning without a correction needs neither: no dense pass at all.
         fit_inputs = dense_inputs if config.target == "none" else inputs
         needs_targets = self.correction is not None or dense_inputs is not None
-        targets = self.stores.create(f"targets-{index:05d}", shape, inputs.dtype) if needs_targets else None
-        observed = {} if self.pruned_source else linears  # --masks-from: no statistics needed
-        stats = observe(block, fit_inputs, call, observed, self.method.needs_hessian, self.batch_size,
-                        self.device, targets)
-        stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device)
-        if config.target == "dense":
-            replay(block, dense_inputs, call, self.batch_size, self.device, targets)
-        next_dense = None
-        if dense_inputs is not None:  # the dense model's own activations go on to the next block
-            next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)
-            next_dense[:] = targets[:]
-        dense_block = copy.deepcopy(block) if config.granularity != "block" and self.correction else None
-        return_freed_memory()  # the forward pass's small freed tensors, before pruning's peak
+        # --masks-from takes the weights and mask from another checkpoint: no statistics are needed.
+        needs_statistics = self.method.needs_statistics and not self.pruned_source
+        stats, targets, next_dense, dense_block = {}, None, None, None
+        if needs_targets or needs_statistics:
+            with clock.phase("observe"):
+                targets = (self.stores.create(f"targets-{index:05d}", shape, inputs.dtype) if needs_targets
+                           else None)
+                observed = linears if needs_statistics else {}  # magnitude: targets only
+                stats = observe(block, fit_inputs, call, observed, self.method.needs_hessian, self.batch_size,
+                                self.device, targets)
+                stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device)
+                if config.target == "dense":
+                    replay(block, dense_inputs, call, self.batch_size, self.device, targets)
+                if dense_inputs is not None:  # the dense model's own activations go on to the next block
+                    next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)
+                    next_dense[:] = targets[:]
+                if config.granularity != "block" and self.correction:
+                    dense_block = copy.deepcopy(block)
+                return_freed_memory()  # the forward pass's small freed tensors, before pruning's peak
 
-        # 2. Prune every linear of the block.
-        if self.pruned_source:
-            masks, notes = take_pruned_weights(linears, self.pruned_source, name,
-                                               keep_masks=self.correction is not None)
-        else:
-            masks, notes = prune_linears(linears, stats, config.method, self.sparsity, self.pattern, name,
-                                         keep_masks=self.correction is not None)
-        del stats
-        distributed.check_identical({"masks": list(masks.values()),
-                                     "pruned weights": [linear.weight for linear in linears.values()]},
-                                    f"block {index} after pruning")
-        return_freed_memory()
+        # 2. Prune every linear of the block (or take it, pruned elsewhere, with --masks-from).
+        with clock.phase("prune"):
+            if self.pruned_source:
+                masks, notes = take_pruned_weights(linears, self.pruned_source, name,
+                                                   keep_masks=self.correction is not None)
+            else:
+                masks, notes = prune_linears(linears, stats, self.method, self.sparsity, self.pattern, name,
+                                             keep_masks=self.correction is not None)
+            del stats
+            distributed.check_identical({"masks": list(masks.values()),
+                                         "pruned weights": [linear.weight for linear in linears.values()]},
+                                        f"block {index} after pruning")
+            return_freed_memory()
 
         # 3. Fit the correction towards the dense outputs; merge it, or discard it if it is worse.
         fit_reports = []
         if self.correction is not None:
-            fit_reports = self.correct(index, block, dense_block, masks, fit_inputs, targets, call)
-            distributed.check_identical({"corrected weights": list(block.state_dict().values())},
-                                        f"block {index} after the correction")
+            with clock.phase("fit"):
+                fit_reports = self.correct(index, block, dense_block, masks, fit_inputs, targets, call)
+                distributed.check_identical({"corrected weights": list(block.state_dict().values())},
+                                            f"block {index} after the correction")
 
         # 4. Re-run the repaired block: its outputs feed the next block. Inputs held in RAM are
         #    overwritten window by window, saving a store's memory: their durable copy is the file
         #    written after the previous block. Inputs on disk are that file, the resume point, and
         #    are left untouched.
-        next_inputs = (inputs if not inputs.on_disk
-                       else self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype))
-        # Dense weights for the error report: small pieces on the CPU (host memory is the limit
-        # there), larger ones for an accelerator (fewer host-to-device copies).
-        piece = 2**20 if self.device.type == "cpu" else 16 * 2**20
-        with LayerErrorMeter(linears, lambda linear: adapter.dense_rows(f"{name}.{linear}", chunk_bytes=piece)) \
-                as meter:
-            replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter, self.own_windows.start)
-        meter.sum_across_ranks()
+        with clock.phase("replay"):
+            next_inputs = (inputs if not inputs.on_disk
+                           else self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype))
+            # Dense weights for the error report: small pieces on the CPU (host memory is the limit
+            # there), larger ones for an accelerator (fewer host-to-device copies).
+            piece = 2**20 if self.device.type == "cpu" else 16 * 2**20
+            meter = LayerErrorMeter(linears, lambda linear: adapter.dense_rows(f"{name}.{linear}", chunk_bytes=piece),
+                                    config.error_windows)
+            with meter:
+                replay(block, inputs, call, self.batch_size, self.device, next_inputs, meter,
+                       self.own_windows.start)
+            meter.sum_across_ranks()
 
         # 5. Write the block, record the resume point, free everything of this block.
-        state["layers"].extend(self.layer_entries(index, linears, meter, notes))
-        state["blocks"].append(self.block_entry(index, fit_reports, time.perf_counter() - started))
-        shard = self.run_dir.shard_name(index, adapter.num_blocks + 1)
-        distributed.on_main(lambda: self.run_dir.save_shard(shard, adapter.module_tensors(name)),
-                            f"writing block {index}")
-        adapter.release(block)
-        state["shards"].insert(index, shard)
-        old_inputs, old_dense = state["inputs"], state["dense_inputs"]
-        state.update(next_block=index + 1, inputs=self._persist(next_inputs, f"inputs-{index + 1:05d}"),
-                     dense_inputs=self._persist(next_dense, f"dense-{index + 1:05d}") if next_dense else None)
-        self.save_state(state)
-        for filename in (old_inputs, old_dense):
-            if filename:
-                (self.activations / filename).unlink(missing_ok=True)
-        if targets is not None:
-            targets.delete()
-        return_freed_memory()
+        with clock.phase("write"):
+            state["layers"].extend(self.layer_entries(index, linears, meter, notes))
+            entry = self.block_entry(index, fit_reports)
+            state["blocks"].append(entry)
+            shard = self.run_dir.shard_name(index, adapter.num_blocks + 1)
+            distributed.on_main(lambda: self.run_dir.save_shard(shard, adapter.module_tensors(name)),
+                                f"writing block {index}")
+            adapter.release(block)
+            state["shards"].insert(index, shard)
+            old_inputs, old_dense = state["inputs"], state["dense_inputs"]
+            state.update(next_block=index + 1, inputs=self._persist(next_inputs, f"inputs-{index + 1:05d}"),
+                         dense_inputs=self._persist(next_dense, f"dense-{index + 1:05d}") if next_dense else None)
+            entry.update(self.block_times(clock))  # saved without the rest of this phase, kept whole in memory
+            self.save_state(state)
+            for filename in (old_inputs, old_dense):
+                if filename:
+                    (self.activations / filename).unlink(missing_ok=True)
+            if targets is not None:
+                targets.delete()
+            return_freed_memory()
+        entry.update(self.block_times(clock))
+        for phase, seconds in clock.seconds.items():
+            self.clock.add(phase, seconds)
         return next_inputs, next_dense
 
     def correct(self, index, block, dense_block, masks, fit_inputs, targets, call) -> list[FitReport]:
@@ -625,12 +688,16 @@ class Driver:
             weight = linear.weight.detach()
             entries.append({"block": index, "name": f"{self.adapter.block_name(index)}.{name}",
                             "shape": list(weight.shape),
-                            "sparsity": 1 - int(weight.count_nonzero()) / weight.numel(),
+                            "sparsity": zero_count(weight) / weight.numel(),
                             "rel_error": meter.relative(name), **({"note": notes[name]} if name in notes else {})})
         return entries
 
-    def block_entry(self, index, fit_reports, seconds) -> dict:
-        entry = {"index": index, "time_s": round(seconds, 3)}
+    @staticmethod
+    def block_times(clock: PhaseClock) -> dict:
+        return {"time_s": round(sum(clock.seconds.values()), 3), "phases_s": clock.rounded()}
+
+    def block_entry(self, index, fit_reports) -> dict:
+        entry = {"index": index}
         if fit_reports:
             entry["units"] = [{"unit": unit, **report.as_dict()} for unit, report in fit_reports]
             entry["merged"] = all(r.merged for _, r in fit_reports)
@@ -644,12 +711,25 @@ class Driver:
 
     @staticmethod
     def block_summary(entry: dict) -> str:
+        """The progress bar's postfix: where the block's time went, and what the correction did."""
+        times = summary(entry["phases_s"], BLOCK_PHASES)
         if "heldout_before" in entry:
             verdict = "merged" if entry["merged"] else "reverted"
-            return f"held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} ({verdict})"
-        return ""
+            return (f"{times}; held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} "
+                    f"({verdict})")
+        return times
+
+    def run_phases(self, wall: float) -> dict[str, float]:
+        """The run's seconds per phase: start-up, the blocks' phases summed, and `other`, the time
+        between phases, so that they add up to the wall time. A resumed run counts only the blocks
+        this process did."""
+        seconds = self.clock.seconds
+        phases = {name: seconds.get(name, 0.0) for name in STARTUP_PHASES + BLOCK_PHASES}
+        phases["other"] = max(0.0, wall - sum(phases.values()))
+        return {name: round(value, 3) for name, value in phases.items()}
 
     def final_report(self, state: dict) -> dict:
+        wall = time.perf_counter() - self.started
         layers = state["layers"]
         total = sum(math.prod(e["shape"]) for e in layers)
         zeros = sum(e["sparsity"] * math.prod(e["shape"]) for e in layers)
@@ -663,7 +743,7 @@ class Driver:
             "config": {k: v for k, v in vars(self.config).items()},
             "command": " ".join(sys.argv),
             "versions": package_versions(),
-            "totals": {"wall_time_s": round(time.perf_counter() - self.started, 3),
+            "totals": {"wall_time_s": round(wall, 3), "phases_s": self.run_phases(wall),
                        "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,
                        "pruned_sparsity": zeros / total if total else 0.0,
                        "reverted_blocks": [b["index"] for b in state["blocks"] if b.get("merged") is False]},
@@ -673,10 +753,11 @@ class Driver:
 
 
 # --------------------------------------------------------------------------------------------------
-def run(config: RunConfig) -> RunResult:
-    """Run `config`; under torchrun, as one of several processes sharing the calibration windows."""
+def run(config: RunConfig, startup_s: float = 0.0) -> RunResult:
+    """Run `config`; under torchrun, as one of several processes sharing the calibration windows.
+    `startup_s`: seconds spent before the call (interpreter start-up and imports), reported."""
     with distributed.process_group(config.device) as device:
-        return Driver(dataclasses.replace(config, device=device)).run()
+        return Driver(dataclasses.replace(config, device=device), startup_s).run()
 
 
 def block_dtype(block: nn.Module) -> torch.dtype:
@@ -684,6 +765,22 @@ def block_dtype(block: nn.Module) -> torch.dtype:
         if parameter.is_floating_point():
             return parameter.dtype
     return torch.float32
+
+
+def zero_count(weight: torch.Tensor) -> int:
+    """How many entries of a matrix are zero (+0.0 or −0.0), counted on the bits: `count_nonzero`
+    of bf16 or fp32 values is several times slower than of integers of the same width. Doubling the
+    bit pattern (wrapping) drops the sign bit, so both zeros become the integer 0 and nothing else
+    does. A chunk of rows at a time: the doubled bits are a temporary of the chunk's size, not of the
+    weight's (host memory is the limit on the CPU)."""
+    if not weight.is_floating_point():
+        return weight.numel() - int(weight.count_nonzero())
+    bits = weight.view(_SAME_WIDTH_INTEGER[weight.element_size()])
+    nonzero = sum(int((bits[rows] + bits[rows]).count_nonzero()) for rows in row_chunks(weight))
+    return weight.numel() - nonzero
+
+
+_SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def attach_point(block: nn.Module, unit_name: str, masks: dict[str, torch.Tensor]):

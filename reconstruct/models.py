@@ -280,13 +280,13 @@ class ModelAdapter:
             f"version knows for model_type={self.model_type!r}")
 
     # -- loading and releasing weights ---------------------------------------------------------------
-    def load_module(self, module_name: str, dtype: torch.dtype | None = None) -> nn.Module:
-        """Materialise one submodule's parameters from the checkpoint (in `dtype`, default the run's)."""
+    def load_module(self, module_name: str, dtype: torch.dtype | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Materialise one submodule's parameters from the checkpoint (in `dtype`, default the run's),
+        or from `state`, its tensors already read by `module_reader`."""
         module = self.model.get_submodule(module_name)
-        state = {}
-        for name in module.state_dict(keep_vars=True):
-            full = f"{module_name}.{name}" if module_name else name
-            state[name] = self.checkpoint.get(self.checkpoint_name(full)).to(dtype or self.storage_dtype)
+        if state is None:
+            state = self.module_reader(module_name, dtype)()
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:  # e.g. a size mismatch: the weights are not the config's model
@@ -295,8 +295,21 @@ class ModelAdapter:
                                   "the config and the weights belong to different models") from None
         return module
 
-    def load_block(self, index: int) -> nn.Module:
-        return self.load_module(self.block_name(index))
+    def module_reader(self, module_name: str, dtype: torch.dtype | None = None):
+        """A function reading one submodule's tensors from the checkpoint, by the module's own names
+        (in `dtype`, default the run's). The names are resolved now; the function touches only the
+        checkpoint's files, not the model, so it may run in another thread."""
+        module = self.model.get_submodule(module_name)
+        names = {name: self.checkpoint_name(f"{module_name}.{name}" if module_name else name)
+                 for name in module.state_dict(keep_vars=True)}
+        dtype = dtype or self.storage_dtype
+
+        def read() -> dict[str, torch.Tensor]:
+            return {name: self.checkpoint.get(stored).to(dtype) for name, stored in names.items()}
+        return read
+
+    def load_block(self, index: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        return self.load_module(self.block_name(index), state=state)
 
     def release(self, module: nn.Module) -> None:
         """Return a module's parameters to the meta device, freeing their memory."""

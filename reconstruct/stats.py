@@ -11,7 +11,11 @@ import weakref
 import torch
 from torch import nn
 
-TOKEN_CHUNK_ELEMENTS = 2**18  # inputs are converted to fp64 about this many values at a time
+# Inputs are converted to fp64 about this many values at a time: 2 MB on the CPU, where host memory
+# is the limit (docs/memory.md); 128 MB on an accelerator, where a small chunk would cost thousands of
+# kernel launches per batch (a 7B model's MLP input is 11008 wide: 23 tokens per 2^18 values).
+TOKEN_CHUNK_ELEMENTS = 2**18
+ACCELERATOR_TOKEN_CHUNK_ELEMENTS = 2**24
 
 
 class InputStatistics:
@@ -32,12 +36,13 @@ class InputStatistics:
         tokens = inputs.reshape(-1, inputs.shape[-1])
         self.tokens += tokens.shape[0]
         # A few tokens at a time: the fp64 copy of a whole batch of MLP inputs would be tens of MB.
-        step = max(1, TOKEN_CHUNK_ELEMENTS // tokens.shape[1])
+        chunk = TOKEN_CHUNK_ELEMENTS if tokens.device.type == "cpu" else ACCELERATOR_TOKEN_CHUNK_ELEMENTS
+        step = max(1, chunk // tokens.shape[1])
         for start in range(0, tokens.shape[0], step):
-            x = tokens[start:start + step].to(torch.float64, copy=True)  # a copy: squared in place below
+            x = tokens[start:start + step].to(torch.float64)  # always a copy: inputs are never fp64
             if self.hessian_sum is not None:
                 self.hessian_sum.addmm_(x.T, x)
-            self.squared_norms += x.square_().sum(dim=0)
+            self.squared_norms += x.square_().sum(dim=0)  # our own copy: squared in place
 
     @property
     def column_norms(self) -> torch.Tensor:

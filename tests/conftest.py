@@ -19,6 +19,16 @@ NSAMPLES, SEQLEN = 8, 32
 BLOCK_TENSOR = re.compile(r"\.(layers|h|blocks)\.\d+\.")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_token_cache(tmp_path_factory):
     """Never write to ~/.cache from tests, even where a test forgets cache_dir."""

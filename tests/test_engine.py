@@ -155,3 +155,32 @@ def test_same_seed_gives_identical_files_other_seed_differs(tiny_checkpoint, pru
     assert a.keys() == c.keys()
     changed = [name for name in a if is_block_tensor(name) and not torch.equal(a[name], c[name])]
     assert changed, "a different seed (other calibration windows) left every block weight unchanged"
+
+
+# --------------------------------------------------------------------------------------------------
+def test_report_has_time_per_phase_adding_up_to_the_wall_time(tiny_checkpoint, prune_tiny, tmp_path):
+    """report.json says where the time went: start-up and each block's phases, in total and per
+    block, adding up to the wall time (what is between phases is `other`). No speed is asserted."""
+    from reconstruct.timing import BLOCK_PHASES, STARTUP_PHASES
+
+    report = prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="masklora", steps=2, rank=4,
+                        startup_s=0.25)
+    totals = report["totals"]
+    phases = totals["phases_s"]
+    assert list(phases) == [*STARTUP_PHASES, *BLOCK_PHASES, "other"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["imports"] == 0.25  # what the caller spent before the run is part of it
+    assert sum(phases.values()) == pytest.approx(totals["wall_time_s"], rel=0.05)
+    assert phases["other"] <= 0.05 * totals["wall_time_s"]
+    for block in report["blocks"]:
+        assert list(block["phases_s"]) == list(BLOCK_PHASES)  # a correction: every phase ran
+        assert sum(block["phases_s"].values()) == pytest.approx(block["time_s"], abs=0.01)
+    for phase in BLOCK_PHASES:
+        assert sum(b["phases_s"][phase] for b in report["blocks"]) == pytest.approx(phases[phase], abs=0.01)
+
+
+def test_magnitude_without_correction_skips_the_dense_pass(tiny_checkpoint, prune_tiny, tmp_path):
+    """Magnitude needs no statistics and no targets: each block is run once (replay), not twice."""
+    report = prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", method="magnitude", error_windows=0)
+    assert all("observe" not in block["phases_s"] for block in report["blocks"])
+    assert all(layer["rel_error"] is None and layer["sparsity"] == 0.5 for layer in report["layers"])

@@ -152,6 +152,35 @@ def test_wanda_selects_the_same_in_row_chunks(pattern, monkeypatch):
     assert torch.equal(result.weight, weight * whole)
 
 
+def _many_ties(g):
+    """Score matrices where selections are decided by ties: few distinct values, zero (dead or
+    already pruned) inputs, half-precision magnitudes, NaN."""
+    small_integers = torch.randint(0, 4, (40, 64), generator=g).float()
+    zeros = torch.rand(40, 64, generator=g) * (torch.rand(40, 64, generator=g) > 0.6)
+    half = torch.randn(40, 64, generator=g).to(torch.bfloat16).abs().float()
+    nan = torch.rand(40, 64, generator=g)
+    nan[0, 5], nan[1] = float("nan"), float("nan")
+    return [small_integers, zeros, half, nan, torch.rand(40, 64, generator=g)]
+
+
+@pytest.mark.parametrize("count", [0, 1, 13, 32, 63])
+def test_threshold_selection_equals_topk_with_ties(count):
+    """The kthvalue threshold picks exactly the masks top-k picked (the rule masks always followed),
+    also where scores tie at the threshold: the same checkpoints as before the faster selection."""
+    from reconstruct.pruning import base
+
+    for scores in _many_ties(torch.Generator().manual_seed(count)):
+        reference = torch.ones_like(scores, dtype=torch.bool)
+        if count:
+            reference.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+        assert torch.equal(base.keep_all_but_lowest(scores, count), reference)
+        for pattern in (NMPattern(2, 4), NMPattern(1, 4), NMPattern(5, 8)):
+            groups = scores.reshape(-1, pattern.m)
+            reference = torch.ones_like(groups, dtype=torch.bool)
+            reference.scatter_(1, torch.topk(groups, pattern.m - pattern.n, dim=1, largest=False).indices, False)
+            assert torch.equal(base.lowest_per_group(scores, pattern), reference.reshape(scores.shape))
+
+
 @pytest.mark.parametrize("text", ["4:2", "2-4", "0:4", "2:2", "a:b", "2:4:8"])
 def test_nm_pattern_parse_rejects(text):
     with pytest.raises(PruningError, match="N:M|0 < N < M"):

@@ -268,11 +268,22 @@ def test_layer_error_meter_reads_dense_weights_in_pieces():
         for start in range(0, 10, 3):  # pieces of 3, 3, 3 and 1 rows
             yield slice(start, start + 3), dense[start:start + 3]
 
-    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows) as meter, torch.no_grad():
-        linear(x)
     pruned = linear.weight.detach()
-    expected = (x @ (dense - pruned).T).pow(2).sum() / (x @ dense.T).pow(2).sum()
-    assert meter.relative("proj") == pytest.approx(float(expected), rel=1e-5)
+    for windows in (1, 2, 5):  # the first window of the batch of 2; both; more than the batch
+        with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, windows) as meter, torch.no_grad():
+            meter.batch(0, 2)
+            linear(x)
+        sample = x[:windows]
+        expected = (sample @ (dense - pruned).T).pow(2).sum() / (sample @ dense.T).pow(2).sum()
+        assert meter.relative("proj") == pytest.approx(float(expected), rel=1e-5)
+    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, 1) as meter, torch.no_grad():
+        meter.batch(2, 4)  # windows past the sample are not measured
+        linear(x)
+    assert meter.error["proj"] == meter.reference["proj"] == 0
+    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, 0) as meter, torch.no_grad():
+        meter.batch(0, 2)
+        linear(x)
+    assert meter.relative("proj") is None  # --error-windows 0: no report
 
 
 def test_statistics_in_token_chunks_are_the_whole_batch_statistics(monkeypatch):
@@ -555,3 +566,72 @@ def test_reported_peak_is_the_runs_own_not_its_parents():
     own, inherited = map(int, child.stdout.split())
     assert own < (1 << 30) <= inherited
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the next block in the background
+def test_prefetcher_reads_in_another_thread_while_the_caller_goes_on():
+    """start() returns at once; the read runs in a background thread (here it waits until the caller
+    has gone on), and take() returns its tensors, copied out of the source."""
+    import threading
+
+    from reconstruct.prefetch import BlockPrefetcher
+
+    caller_went_on, reader_threads = threading.Event(), []
+    source = {"weight": torch.arange(6.0).reshape(2, 3)}
+
+    def reader(index):
+        def read():
+            reader_threads.append(threading.current_thread())
+            assert caller_went_on.wait(timeout=30), "the read blocked the caller"
+            return {name: tensor * index for name, tensor in source.items()}
+        return read
+
+    with BlockPrefetcher(reader, pin_memory=False) as prefetcher:
+        prefetcher.start(2)
+        prefetcher.start(2)  # asked twice: read once
+        caller_went_on.set()  # reached only because start() did not wait for the read
+        tensors = prefetcher.take(2)
+        assert prefetcher.take(2) is None and prefetcher.take(3) is None  # taken once; never started
+    assert torch.equal(tensors["weight"], source["weight"] * 2)
+    assert reader_threads and all(t is not threading.main_thread() for t in reader_threads)
+    assert len(reader_threads) == 1
+
+
+def test_prefetcher_raises_a_read_error_when_the_block_is_taken():
+    from reconstruct.models import CheckpointError
+    from reconstruct.prefetch import BlockPrefetcher
+
+    def reader(index):
+        def read():
+            raise CheckpointError(f"block {index} is damaged")
+        return read
+
+    with BlockPrefetcher(reader, pin_memory=False) as prefetcher:
+        prefetcher.start(1)  # no error yet
+        with pytest.raises(CheckpointError, match="block 1 is damaged"):
+            prefetcher.take(1)
+
+
+def test_prefetching_on_the_cpu_gives_the_same_files(tiny_checkpoint, prune_tiny, tmp_path):
+    """--prefetch on (the CUDA default, here on the CPU) writes byte-identical checkpoints."""
+    model = tiny_checkpoint("llama", num_hidden_layers=3)
+    for prefetch in ("on", "off"):
+        prune_tiny(model, tmp_path / prefetch, method="wanda", correction="masklora", steps=2, rank=4,
+                   prefetch=prefetch)
+    files = sorted(p.name for p in (tmp_path / "on").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (tmp_path / "off").glob("*.safetensors"))
+    for name in files:
+        assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
+
+
+def test_zero_count_counts_both_zeros_in_row_chunks(monkeypatch):
+    """The report's zero count: +0.0 and −0.0, on the bits, a chunk of rows at a time."""
+    from reconstruct.pruning import base
+
+    monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 3 * 40)  # chunks of 3 rows, the last one short
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        weight = torch.randn(10, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+        weight[weight.abs() < 0.6] = 0
+        weight[0, :5] = -0.0
+        assert driver_module.zero_count(weight) == int((weight == 0).sum()), dtype

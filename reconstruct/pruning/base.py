@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..stats import InputStatistics
@@ -46,7 +47,8 @@ class NMPattern:
                                f"of {self.m}; choose an M that divides it or prune without --pattern")
 
 
-ROW_CHUNK_ELEMENTS = 2**18  # scores are computed for about this many weights at a time
+ROW_CHUNK_ELEMENTS = 2**18              # scores are computed for about this many weights at a time
+ACCELERATOR_ROW_CHUNK_ELEMENTS = 2**24  # on an accelerator (device memory is not the host's limit)
 
 
 @dataclass
@@ -59,7 +61,8 @@ class PruningMethod:
     """One way of choosing (and possibly updating) the weights of a linear layer that survive."""
 
     name: str = ""
-    needs_hessian: bool = False  # SparseGPT needs H = 2XXᵀ/N; the others only column norms
+    needs_statistics: bool = True  # input statistics of the dense block; magnitude needs none
+    needs_hessian: bool = False    # SparseGPT needs H = 2XXᵀ/N; Wanda only column norms
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: NMPattern | None, layer: str = "", return_mask: bool = True) -> PruneResult:
@@ -71,15 +74,15 @@ class PruningMethod:
 
 def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask removing exactly int(in_features · sparsity) lowest scores in every row."""
-    count = int(scores.shape[1] * sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if count:
-        mask.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
-    return mask
+    return keep_all_but_lowest(scores, int(scores.shape[1] * sparsity))
 
 
 def lowest_per_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask removing exactly int(numel · sparsity) lowest scores of the whole matrix."""
+    """Keep-mask removing exactly int(numel · sparsity) lowest scores of the whole matrix.
+
+    Magnitude's one threshold per matrix: with half-precision weights many |W| are equal at the
+    threshold, so the tie rule of `keep_all_but_lowest` would hand the whole matrix to top-k anyway,
+    after a wasted selection; top-k is used directly."""
     count = int(scores.numel() * sparsity)
     mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if count:
@@ -90,10 +93,43 @@ def lowest_per_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def lowest_per_group(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Keep-mask removing the M−N lowest scores of every M consecutive inputs in each row."""
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-    mask = torch.ones_like(groups, dtype=torch.bool)
-    mask.scatter_(2, torch.topk(groups, pattern.m - pattern.n, dim=2, largest=False).indices, False)
-    return mask.reshape(rows, cols)
+    groups = scores.reshape(rows * (cols // pattern.m), pattern.m)
+    return keep_all_but_lowest(groups, pattern.m - pattern.n).reshape(rows, cols)
+
+
+def keep_all_but_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask of a 2-D `scores`: False at the `count` lowest scores of every row.
+
+    The count-th lowest score of each row (`kth_lowest`, a selection without sorting and without
+    int64 indices) is a threshold: a row loses exactly the scores at or below it. That choice is the
+    only one unless scores tie at the threshold (more than `count` at or below it, or NaN); those
+    rows, rare with real weights, are decided by `topk`, the rule every mask was chosen by before:
+    masks are identical to top-k's, ties included."""
+    if count == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    keep = scores > kth_lowest(scores, count)
+    tied_rows = (keep.sum(dim=1) != scores.shape[1] - count).nonzero().flatten()
+    if tied_rows.numel():
+        keep[tied_rows] = _keep_all_but_lowest_by_topk(scores[tied_rows], count)
+    return keep
+
+
+def kth_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The count-th lowest score of each row of a 2-D `scores`, as a column [rows, 1].
+
+    On the CPU numpy's introselect (`np.partition`) is about twice as fast as `torch.kthvalue`,
+    which also tracks indices; both put NaN last. Any threshold is safe in `keep_all_but_lowest`:
+    a row is only accepted when exactly `count` scores are at or below it."""
+    if scores.device.type == "cpu":
+        partitioned = np.partition(scores.numpy(), count - 1, axis=1)
+        return torch.from_numpy(np.ascontiguousarray(partitioned[:, count - 1:count]))
+    return torch.kthvalue(scores, count, dim=1, keepdim=True).values
+
+
+def _keep_all_but_lowest_by_topk(scores: torch.Tensor, count: int) -> torch.Tensor:
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+    return keep
 
 
 def row_mask(scores: torch.Tensor, sparsity: float, pattern: NMPattern | None) -> torch.Tensor:
@@ -109,8 +145,10 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def row_chunks(weight: torch.Tensor) -> list[slice]:
-    """Slices of whole rows of about ROW_CHUNK_ELEMENTS weights each. Per-row selections (Wanda,
-    N:M) are made a chunk at a time, so their fp32 scores, top-k values and int64 indices, several
-    times the weight's own size if made at once, stay a few MB."""
-    step = max(1, ROW_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    """Slices of whole rows of about ROW_CHUNK_ELEMENTS weights each (more on an accelerator).
+    Per-row selections (Wanda, N:M) are made a chunk at a time, so their fp32 scores and selection
+    scratch, several times the weight's own size if made at once, stay a few MB on the CPU (rows are
+    independent, so the chunking never changes a mask)."""
+    chunk = ROW_CHUNK_ELEMENTS if weight.device.type == "cpu" else ACCELERATOR_ROW_CHUNK_ELEMENTS
+    step = max(1, chunk // max(1, weight.shape[1]))
     return [slice(start, start + step) for start in range(0, weight.shape[0], step)]

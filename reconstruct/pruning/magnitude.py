@@ -6,6 +6,7 @@ from .base import PruneResult, PruningMethod, apply_mask, lowest_per_group, lowe
 @register
 class Magnitude(PruningMethod):
     name = "magnitude"
+    needs_statistics = False
 
     def prune(self, weight, stats, sparsity, pattern, layer="", return_mask=True):
         scores = weight.abs().float()

@@ -16,7 +16,10 @@ class Wanda(PruningMethod):
         norms = stats.column_norms.to(weight.device)[None, :]
         mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device) if return_mask else None
         for rows in row_chunks(weight):  # rows are independent: score, select and prune a few at a time
-            kept = row_mask(weight[rows].abs().float() * norms, sparsity, pattern)
+            # One fp32 copy of the rows, made absolute and scaled in place: the same values as
+            # |W|·‖X‖ computed in steps, without two more temporaries of the chunk's size.
+            scores = weight[rows].to(torch.float32, copy=True).abs_().mul_(norms)
+            kept = row_mask(scores, sparsity, pattern)
             weight[rows].masked_fill_(~kept, 0)
             if mask is not None:
                 mask[rows] = kept
