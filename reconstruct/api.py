@@ -165,7 +165,7 @@ RETRAIN_PARAMS = ("bias", "norm", "bias+norm", "scalelora", "masklora", "masklor
 # retraining"): a handful of norm/bias parameters tolerate a larger step than low-rank factors, and
 # masked full fine-tuning, which moves every kept weight, needs a much smaller one.
 RETRAIN_DEFAULT_LR = {"bias": 1e-2, "norm": 1e-2, "bias+norm": 1e-2, "scalelora": 1e-3, "masklora": 1e-3,
-                      "masklora+norm": 1e-3, "lora-prune": 1e-3, "full": 1e-4}
+                      "masklora+norm": 1e-3, "lora-prune": 1e-3, "full": 3e-4}
 
 
 @dataclass
