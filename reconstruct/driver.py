@@ -23,7 +23,6 @@ import platform
 import shutil
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first
                       map_tensors)
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
-from .lock import exclusive_lock
+from .lock import run_lock
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
 from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
 from .prefetch import BlockPrefetcher
@@ -380,10 +379,7 @@ class Driver:
         """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
         limit_heap_fragmentation()
         self.run_dir = RunDirectory(Path(self.config.out))
-        with ExitStack() as held:
-            # First of all: a second run with the same --out must stop before touching anything.
-            distributed.on_main(lambda: held.enter_context(exclusive_lock(self.run_dir.out)),
-                                "locking the output directory")
+        with run_lock(self.run_dir.out):  # a second run with the same --out stops before touching anything
             return self._run()
 
     def _run(self) -> RunResult:

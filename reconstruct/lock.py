@@ -18,9 +18,10 @@ import json
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from . import distributed
 from .writer import OutputError
 
 
@@ -53,6 +54,16 @@ def exclusive_lock(directory: Path | str):
         # that opened the old file before the unlink notices the stale inode in _acquire.
         path.unlink(missing_ok=True)
         handle.close()
+
+
+@contextmanager
+def run_lock(directory: Path | str):
+    """The lock of a run of one or several processes: rank 0 holds `exclusive_lock(directory)` for all
+    of them, and every rank fails with the same error when another run holds it. Take it first of
+    all, before anything is read or written."""
+    with ExitStack() as held:
+        distributed.on_main(lambda: held.enter_context(exclusive_lock(directory)), "locking the output directory")
+        yield
 
 
 def _acquire(path: Path, directory: Path):

@@ -27,7 +27,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from .api import RetrainConfig
 from .corrections import CorrectionOptions, make_correction
 from .driver import package_versions
 from .fit import autocast_for, linear_schedule
-from .lock import exclusive_lock
+from .lock import run_lock
 from .memory import peak_rss_bytes
 from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
 from .writer import RunDirectory
@@ -205,10 +205,7 @@ class Retrainer:
     def run(self) -> RetrainResult:
         """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
         self.run_dir = RunDirectory(Path(self.config.out))
-        with ExitStack() as held:
-            # First of all: a second run with the same --out must stop before touching anything.
-            distributed.on_main(lambda: held.enter_context(exclusive_lock(self.run_dir.out)),
-                                "locking the output directory")
+        with run_lock(self.run_dir.out):  # a second run with the same --out stops before touching anything
             return self._run()
 
     def _run(self) -> RetrainResult:
