@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrain_arguments(commands.add_parser(
         "retrain", help="retrain a pruned model globally (next-token loss, a tiny trainable subset), zeros kept"))
     _add_eval_arguments(commands.add_parser("eval", help="perplexity (papers' protocols) and zero-shot accuracy"))
-    demo = commands.add_parser("demo", help="build a tiny model offline, prune and repair it, and compare "
-                               "perplexities (a smoke test of the whole pipeline)")
+    demo = commands.add_parser("demo", help="build a tiny model offline, prune and repair it (layer-wise, then "
+                               "globally), and compare perplexities (a smoke test of the whole pipeline)")
     demo.add_argument("--out", default=None, help="where to put the demo's files (default: a temporary directory)")
     for name, (module, description) in _available_extra_commands().items():
         extra = commands.add_parser(name, help=description)
@@ -258,7 +258,7 @@ def run_eval(args) -> int:
 
 
 def run_demo(args) -> int:
-    from .api import prune
+    from .api import prune, retrain
     from .eval import evaluate
     from .tiny import save_tiny_model, write_sample_text
 
@@ -272,9 +272,16 @@ def run_demo(args) -> int:
     for block in report["blocks"]:
         print(f"  block {block['index']}: held-out output error {block['heldout_before']:.4f} -> "
               f"{block['heldout_after']:.4f} ({'merged' if block['merged'] else 'reverted'})")
+    # The other repair: the pruned model retrained globally (next-token loss, MaskLoRA), zeros kept.
+    retrained = retrain(str(root / "pruned"), str(root / "retrained"), params="masklora", data=str(text),
+                        steps=30, batch_size=4, seqlen=64, eval_windows=2, save_every=0, device="cpu",
+                        overwrite=True)
+    print(f"  retrain: held-out loss {retrained['heldout_before']:.4f} -> {retrained['heldout_after']:.4f} "
+          f"({'merged' if retrained['merged'] else 'not merged'}), sparsity {retrained['totals']['sparsity_after']:.4f}")
     evaluate(str(model), data=[str(text)], seqlen=64, device="cpu")
     evaluate(str(root / "pruned"), data=[str(text)], seqlen=64, device="cpu")
-    print(f"demo: pruned checkpoint and report.json in {root / 'pruned'}")
+    evaluate(str(root / "retrained"), data=[str(text)], seqlen=64, device="cpu")
+    print(f"demo: pruned and retrained checkpoints, with report.json, in {root / 'pruned'} and {root / 'retrained'}")
     return 0
 
 
