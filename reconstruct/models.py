@@ -378,30 +378,30 @@ class ModelAdapter:
             head_only = {id(p) for p in head.parameters()}
         for name, module, leaf, param in self._non_block_parameters():
             if param.is_meta and id(param) not in head_only:
-                value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
-                setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+                self._load_parameter(name, module, leaf, param)
 
     def load_all(self) -> nn.Module:
         """Materialise every parameter, blocks and head included: global retraining needs the whole
-        model. Tied parameters (an output head sharing the embedding) are loaded once and stay tied."""
+        model. A tied head (the config says so) shares the loaded embedding, as the checkpoint stores
+        that matrix once; the skeleton on meta is not tied."""
         for index in range(self.num_blocks):
             self.load_block(index)
-        loaded: dict[int, nn.Parameter] = {}
-        head, tied = self.model.get_output_embeddings(), getattr(self.config, "tie_word_embeddings", False)
+        self.load_embeddings()
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
         for name, module, leaf, param in self._non_block_parameters():
-            if tied and module is head and leaf == "weight":
-                continue  # the checkpoint stores the shared matrix once, as the input embedding
-            if id(param) not in loaded:
-                value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
-                if value.shape != param.shape:
-                    raise CheckpointError(f"{self.checkpoint.directory}: {name} has shape {list(value.shape)}, "
-                                          f"its config.json needs {list(param.shape)}; the config and the "
-                                          "weights belong to different models")
-                loaded[id(param)] = nn.Parameter(value, requires_grad=False)
-            setattr(module, leaf, loaded[id(param)])
-        if tied:  # the skeleton on meta is not tied: tie the loaded head to the loaded embedding
-            head.weight = self.model.get_input_embeddings().weight
+            if param.is_meta:  # the head's own parameters
+                self._load_parameter(name, module, leaf, param)
         return self.model
+
+    def _load_parameter(self, name: str, module: nn.Module, leaf: str, param: nn.Parameter) -> None:
+        """One parameter outside the blocks, from the checkpoint, checked against the skeleton's shape."""
+        value = self.checkpoint.get(self.checkpoint_name(name)).to(self.storage_dtype)
+        if value.shape != param.shape:
+            raise CheckpointError(f"{self.checkpoint.directory}: {name} has shape {list(value.shape)}, its "
+                                  f"config.json needs {list(param.shape)}; the config and the weights belong "
+                                  "to different models")
+        setattr(module, leaf, nn.Parameter(value, requires_grad=False))
 
     def non_block_tensors(self) -> dict[str, "torch.Tensor | StreamedTensor"]:
         """Every tensor outside the blocks as it is written out: from the loaded model where the model

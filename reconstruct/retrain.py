@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .api import RetrainConfig
 from .corrections import CorrectionOptions, make_correction
-from .driver import package_versions
+from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
 from .lock import run_lock
 from .memory import peak_rss_bytes
@@ -76,7 +76,7 @@ def sparsity_of(model: nn.Module, names) -> dict[str, float]:
     sparsity = {}
     for name in names:
         weight = model.get_submodule(name).weight.detach()
-        sparsity[name] = 1 - int(weight.count_nonzero()) / weight.numel()
+        sparsity[name] = zero_count(weight) / weight.numel()
     return sparsity
 
 

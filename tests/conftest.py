@@ -149,3 +149,17 @@ def pruned_matrices(model) -> dict[str, torch.Tensor]:
                 else:
                     matrices[f"{name}[{expert}]"] = tensor[expert]
     return matrices
+
+
+def wait_until_locked(process, out, timeout: float = 120.0) -> None:
+    """Wait until `process` holds the lock of output directory `out` (its pid is in the lock file);
+    fail if it ends first or takes longer than `timeout` seconds."""
+    import time
+
+    from reconstruct.lock import lock_path
+
+    deadline = time.monotonic() + timeout
+    while f'"pid": {process.pid}' not in (lock_path(out).read_text() if lock_path(out).exists() else ""):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the first run never took its lock"
+        time.sleep(0.01)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import saved_tensors
+from conftest import saved_tensors, wait_until_locked
 from distributed_worker import NSAMPLES, PRUNE_RUNS, SEQLEN
 from reconstruct.tiny import save_tiny_model, write_sample_text
 
@@ -279,11 +279,7 @@ def test_second_run_with_the_same_out_fails_at_once_and_the_first_is_unharmed(se
     first = subprocess.Popen([sys.executable, "-m", "reconstruct", *prune_args(setup, out, *MASKLORA)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment(), text=True)
     try:
-        deadline = time.monotonic() + 120
-        while f'"pid": {first.pid}' not in (lock_path(out).read_text() if lock_path(out).exists() else ""):
-            assert first.poll() is None, first.stderr.read()
-            assert time.monotonic() < deadline, "the first run never took its lock"
-            time.sleep(0.01)
+        wait_until_locked(first, out)
         started = time.monotonic()
         with pytest.raises(OutputLockedError, match=rf"being written by another run \(pid {first.pid} on"):
             prune(str(model), str(out), calib=str(text), nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu",

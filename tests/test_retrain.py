@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import saved_tensors
+from conftest import saved_tensors, wait_until_locked
 from reconstruct.api import RETRAIN_PARAMS, ConfigError, retrain
 from reconstruct.corrections import CorrectionError, CorrectionOptions, make_correction
 from reconstruct.models import CheckpointError, UnsupportedModelError, open_model
@@ -403,17 +403,13 @@ def test_a_second_retrain_into_the_same_out_fails_at_once(uninterrupted, pruned_
                                                         tmp_path):
     """Launched twice by mistake: the second fails at once naming the holder, touches nothing, and the
     first finishes with the output of a lone run."""
-    from reconstruct.lock import OutputLockedError, lock_path
+    from reconstruct.lock import OutputLockedError
 
     out = tmp_path / "contested"
     first = subprocess.Popen(command(pruned_models["opt"][1], out, sample_text, token_cache, *STOP_STEPS),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
     try:
-        deadline = time.monotonic() + 120
-        while f'"pid": {first.pid}' not in (lock_path(out).read_text() if lock_path(out).exists() else ""):
-            assert first.poll() is None, first.stderr.read()
-            assert time.monotonic() < deadline, "the first run never took its lock"
-            time.sleep(0.01)
+        wait_until_locked(first, out)
         started = time.monotonic()
         with pytest.raises(OutputLockedError, match=rf"pid {first.pid}"):
             retrain(pruned_models["opt"][1], out, **settings(sample_text, token_cache, overwrite=True))
