@@ -169,7 +169,7 @@ class Grid:
     models: list[Named]
     methods: list[str]
     sparsities: list[Sparsity]
-    corrections: list[str]
+    corrections: list[str]        # names: a correction, or a named recipe of `correction_settings`
     seeds: list[int]
     prune: dict
     eval: dict
@@ -177,6 +177,9 @@ class Grid:
     keep_checkpoints: bool = False
     retrain: dict = field(default_factory=dict)   # settings shared by the chained retrain cells
     retrain_params: list[str] = field(default_factory=list)
+    # A named entry of `corrections` ({name: full-dense, correction: full, target: dense, lr: 3e-4}):
+    # its prune settings, which override `prune:` for that entry's cells.
+    correction_settings: dict[str, dict] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         """Each model's dense baseline first (so that it is there early), then its pruned cells."""
@@ -189,8 +192,9 @@ class Grid:
                 for sparsity in self.sparsities:
                     for correction in self.corrections:
                         for seed in self.seeds:
+                            recipe = self.correction_settings.get(correction, {"correction": correction})
                             settings = {**self.prune, "method": method, **sparsity.prune_settings(),
-                                        "correction": correction, "seed": seed}
+                                        **recipe, "seed": seed}
                             pruned = Cell(
                                 id=_cell_id(model.name, method, sparsity.token, correction, f"seed{seed}"),
                                 model=model, method=method, sparsity=sparsity, correction=correction,
@@ -229,7 +233,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         models=_named_entries(_required_list(raw, "models"), "models", keep_suffix=True),
         methods=[str(m) for m in _required_list(raw, "methods")],
         sparsities=[_parse_sparsity(s) for s in _required_list(raw, "sparsities")],
-        corrections=[str(c) for c in _required_list(raw, "corrections")],
+        **_corrections(_required_list(raw, "corrections")),
         seeds=[_parse_seed(s) for s in _required_list(raw, "seeds")] if "seeds" in raw else [0],
         prune=prune_settings,
         eval=_eval_settings(raw.get("eval") or {}, prune_settings),
@@ -340,6 +344,35 @@ def _prune_settings(raw: dict) -> dict:
         if isinstance(settings.get(key), str):
             settings[key] = _local_path_or_name(settings[key])
     return settings
+
+
+def _corrections(entries: list) -> dict:
+    """`corrections: [none, masklora, {name: full-dense, correction: full, target: dense, lr: 3e-4}]`.
+
+    A plain entry is a `--correction` value. A mapping is a named recipe: a correction and any prune
+    settings that differ from `prune:` for its cells (the target, learning rate, steps, rank, ...), so
+    that one grid compares whole repair recipes; its name is the table's row and part of the cell ids."""
+    names, recipes = [], {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            names.append(str(entry))
+            continue
+        if "name" not in entry or "correction" not in entry:
+            raise ConfigError(f"a corrections entry given as a mapping needs `name` and `correction`: {entry}")
+        name = str(entry["name"])
+        settings = {k: v for k, v in entry.items() if k != "name"}
+        owned = set(settings) & (GRID_OWNED_PRUNE_SETTINGS - {"correction"})
+        if owned:
+            raise ConfigError(f"corrections entry {name!r}: {sorted(owned)} are set by the grid or the sweep")
+        unknown = set(settings) - set(RunConfig.field_names())
+        if unknown:
+            raise ConfigError(f"corrections entry {name!r}: unknown prune settings {sorted(unknown)}")
+        for key in ("calib", "tokenizer", "cache_dir"):
+            if isinstance(settings.get(key), str):
+                settings[key] = _local_path_or_name(settings[key])
+        names.append(name)
+        recipes[name] = settings
+    return {"corrections": names, "correction_settings": recipes}
 
 
 def _retrain_settings(raw) -> dict:

@@ -86,7 +86,25 @@ def test_grid_cells_and_ids(tmp_path, files):
     assert pattern_cell.prune_settings["pattern"] == "2:4" and "sparsity" not in pattern_cell.prune_settings
 
 
+def test_named_correction_recipes_override_prune_settings(tmp_path, files):
+    recipe = {"name": "full-dense", "correction": "full", "target": "dense", "lr": 1e-4}
+    grid = sweep.load_grid(write_grid(tmp_path, files, corrections=["masklora", recipe]))
+    cells = {cell.id: cell for cell in grid.cells()}
+    full = cells["llama-magnitude-0.5-full_dense-seed0"]
+    assert full.label == "full-dense"
+    assert (full.prune_settings["correction"], full.prune_settings["target"], full.prune_settings["lr"]) == \
+        ("full", "dense", 1e-4)
+    assert full.prune_settings["steps"] == 2  # the rest still comes from `prune:`
+    plain = cells["llama-magnitude-0.5-masklora-seed0"]
+    assert plain.prune_settings["correction"] == "masklora" and "target" not in plain.prune_settings
+    assert full.recorded_settings()["prune"]["target"] == "dense"
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"corrections": [{"name": "x", "lr": 1e-3}]}, "needs `name` and `correction`"),
+    ({"corrections": [{"name": "x", "correction": "full", "method": "wanda"}]}, "set by the grid"),
+    ({"corrections": [{"name": "x", "correction": "full", "learning_rate": 1}]}, "unknown prune settings"),
+    ({"corrections": [{"name": "x", "correction": "full", "target": "nonsense"}]}, "target"),
     ({"sparsities": [124]}, "quotes"),                       # what YAML makes of an unquoted 2:4
     ({"sparsities": [1.5]}, "outside"),
     ({"methods": ["magnitude", "magnitude"]}, "duplicate cells"),
