@@ -283,7 +283,7 @@ def check_identical(groups: dict[str, list[torch.Tensor]], what: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # The engine's statistics
-def all_reduce_statistics(stats: dict, linears: dict, with_hessian: bool, device) -> dict:
+def all_reduce_statistics(stats: dict, linears: dict, with_hessian: bool, device, with_sums: bool = False) -> dict:
     """Sum each linear's input statistics (fp64 sums and token counts) over ranks; return them by
     linear name, shared between linears exactly as on one process.
 
@@ -306,11 +306,14 @@ def all_reduce_statistics(stats: dict, linears: dict, with_hessian: bool, device
     for i, name in enumerate(names):
         if leader[i] != i:
             continue
-        accumulator = stats.get(name) or InputStatistics(linears[name].in_features, device, with_hessian)
+        accumulator = stats.get(name) or InputStatistics(linears[name].in_features, device, with_hessian,
+                                                         with_sums)
         tokens = torch.tensor([accumulator.tokens], dtype=torch.float64)  # exact below 2**53 tokens
         all_reduce_sum(tokens, f"summing token counts of {name}")
         accumulator.tokens = int(tokens.item())
         all_reduce_sum(accumulator.squared_norms, f"summing input norms of {name}")
+        if accumulator.sums is not None:
+            all_reduce_sum(accumulator.sums, f"summing inputs of {name}")
         if accumulator.hessian_sum is not None:
             all_reduce_sum(accumulator.hessian_sum, f"summing the Hessian of {name}")
         reduced[name] = accumulator

@@ -59,11 +59,12 @@ class RunResult:
 
 # --------------------------------------------------------------------------------------------------
 # One block's steps
-def observe(block, inputs: ActivationStore, call, linears, needs_hessian: bool, batch_size: int,
+def observe(block, inputs: ActivationStore, call, linears, method: PruningMethod, batch_size: int,
             device, dense_out: ActivationStore | None):
     """Run the dense block on `inputs`: return each linear's input statistics, and fill `dense_out`
     (the targets of a correction) unless it is None."""
-    with StatisticsCollector(linears, needs_hessian) as collector, torch.no_grad():
+    with StatisticsCollector(linears, method.needs_hessian, method.needs_input_sums) as collector, \
+            torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
             outputs = call_block(block, inputs[window].to(device), call)
@@ -544,9 +545,10 @@ class Driver:
                 targets = (self.stores.create(f"targets-{index:05d}", shape, inputs.dtype) if needs_targets
                            else None)
                 observed = linears if needs_statistics else {}  # magnitude: targets only
-                stats = observe(block, fit_inputs, call, observed, self.method.needs_hessian, self.batch_size,
-                                self.device, targets)
-                stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device)
+                stats = observe(block, fit_inputs, call, observed, self.method, self.batch_size, self.device,
+                                targets)
+                stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device,
+                                                          self.method.needs_input_sums)
                 if config.target == "dense":
                     replay(block, dense_inputs, call, self.batch_size, self.device, targets)
                 if dense_inputs is not None:  # the dense model's own activations go on to the next block

@@ -26,9 +26,11 @@ class InputStatistics:
     process's in the last bits, while fp64 sums differ far below what the cast to fp32 keeps. Several
     ranks then give the same statistics, bit for bit, as one."""
 
-    def __init__(self, in_features: int, device, with_hessian: bool):
+    def __init__(self, in_features: int, device, with_hessian: bool, with_sums: bool = False):
         self.tokens = 0
         self.squared_norms = torch.zeros(in_features, dtype=torch.float64, device=device)
+        # Σx per input feature: DSnoT's expected input (its mean), and with the squares its variance.
+        self.sums = torch.zeros(in_features, dtype=torch.float64, device=device) if with_sums else None
         self.hessian_sum = (torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                             if with_hessian else None)
 
@@ -42,12 +44,27 @@ class InputStatistics:
             x = tokens[start:start + step].to(torch.float64)  # always a copy: inputs are never fp64
             if self.hessian_sum is not None:
                 self.hessian_sum.addmm_(x.T, x)
+            if self.sums is not None:
+                self.sums += x.sum(dim=0)
             self.squared_norms += x.square_().sum(dim=0)  # our own copy: squared in place
 
     @property
     def column_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all calibration tokens: Wanda's input-feature norms."""
         return self.squared_norms.to(torch.float32).sqrt()
+
+    @property
+    def means(self) -> torch.Tensor:
+        """E[x_j] over all calibration tokens."""
+        if self.sums is None:
+            raise RuntimeError("the input sums were not collected for this layer")
+        return (self.sums / max(self.tokens, 1)).to(torch.float32)
+
+    @property
+    def variances(self) -> torch.Tensor:
+        """Var[x_j] = E[x_j²] − E[x_j]² over all calibration tokens (from the fp64 sums)."""
+        mean = self.sums / max(self.tokens, 1)
+        return (self.squared_norms / max(self.tokens, 1) - mean.square()).clamp_(min=0).to(torch.float32)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -61,9 +78,10 @@ class InputStatistics:
 class StatisticsCollector:
     """Forward pre-hooks on a block's linears that feed their inputs into shared accumulators."""
 
-    def __init__(self, linears: dict[str, nn.Linear], with_hessian: bool):
+    def __init__(self, linears: dict[str, nn.Linear], with_hessian: bool, with_sums: bool = False):
         self.linears = linears
         self.with_hessian = with_hessian
+        self.with_sums = with_sums
         self.stats: dict[str, InputStatistics] = {}
         self._inputs_this_pass: list[tuple[weakref.ref, InputStatistics]] = []
         self._handles = []
@@ -95,7 +113,8 @@ class StatisticsCollector:
                     return
             stats = self.stats.get(name)
             if stats is None:
-                stats = self.stats[name] = InputStatistics(module.in_features, x.device, self.with_hessian)
+                stats = self.stats[name] = InputStatistics(module.in_features, x.device, self.with_hessian,
+                                                                   self.with_sums)
             stats.add(x.detach())
             self._inputs_this_pass.append((weakref.ref(x), stats))
         return hook

@@ -193,3 +193,44 @@ def test_nm_pattern_divisibility():
     pattern.check_divides(64, "ok")
     with pytest.raises(PruningError, match="layer mlp.down_proj has 36 inputs"):
         pattern.check_divides(36, "mlp.down_proj")
+
+
+# --------------------------------------------------------------------------------------------------
+def _inputs_with_a_mean(rows=64, features=128, tokens=2000, seed=3):
+    """Inputs whose features have non-zero means and different spreads (as LLM activations do)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g) * torch.linspace(0.2, 2.0, features) \
+        + torch.randn(features, generator=g)
+    weight = torch.randn(rows, features, generator=g)
+    return x, weight
+
+
+def test_dsnot_keeps_each_rows_sparsity_and_shrinks_its_expected_error():
+    x, weight = _inputs_with_a_mean()
+    stats = InputStatistics(x.shape[1], "cpu", with_hessian=False, with_sums=True)
+    for start in range(0, len(x), 500):
+        stats.add(x[start:start + 500])
+    assert torch.allclose(stats.means, x.mean(0), atol=1e-5)
+    assert torch.allclose(stats.variances, x.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    wanda = METHODS["wanda"].prune(weight.clone(), stats, 0.7, None)
+    dsnot = METHODS["dsnot"].prune(weight.clone(), stats, 0.7, None)
+    assert ((dsnot.weight == 0).sum(dim=1) == int(128 * 0.7)).all()  # the same zeros per row
+    assert torch.equal(dsnot.weight == 0, ~dsnot.mask)
+    assert torch.equal(dsnot.weight[dsnot.mask], weight[dsnot.mask])  # no weight changes value
+    assert not torch.equal(dsnot.mask, wanda.mask)
+
+    def expected_error(mask):  # |E[dense output − pruned output]| per row
+        return ((weight * ~mask) @ x.mean(0)).abs()
+
+    assert (expected_error(dsnot.mask) <= expected_error(wanda.mask) + 1e-4).all()
+    assert expected_error(dsnot.mask).mean() < 0.5 * expected_error(wanda.mask).mean()
+    # ...and it is the output error on the calibration tokens that this lowers
+    assert _output_error(x, weight, dsnot.weight) < _output_error(x, weight, wanda.weight)
+
+
+def test_dsnot_refuses_nm_patterns():
+    x, weight = _inputs_with_a_mean()
+    stats = InputStatistics(x.shape[1], "cpu", with_hessian=False, with_sums=True)
+    stats.add(x)
+    with pytest.raises(PruningError, match="unstructured"):
+        METHODS["dsnot"].prune(weight, stats, 0.5, NMPattern(2, 4))

@@ -13,6 +13,6 @@ def register(cls):
     return cls
 
 
-from . import magnitude, sparsegpt, wanda  # noqa: E402,F401  (registers the methods)
+from . import dsnot, magnitude, sparsegpt, wanda  # noqa: E402,F401  (registers the methods)
 
 __all__ = ["METHODS", "NMPattern", "PruneResult", "PruningError", "PruningMethod", "register"]

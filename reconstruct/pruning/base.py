@@ -63,6 +63,7 @@ class PruningMethod:
     name: str = ""
     needs_statistics: bool = True  # input statistics of the dense block; magnitude needs none
     needs_hessian: bool = False    # SparseGPT needs H = 2XXᵀ/N; Wanda only column norms
+    needs_input_sums: bool = False  # DSnoT needs each input feature's mean (Σx / N) too
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: float,
               pattern: NMPattern | None, layer: str = "", return_mask: bool = True) -> PruneResult:
