@@ -259,6 +259,11 @@ class Driver:
         self.pattern = config.nm_pattern
         self.sparsity = config.effective_sparsity
         self.correction = make_correction(config.correction)
+        # The dense model's own activations travel beside the pruned model's for --target none (the
+        # statistics and fit read them) and --target dense with a correction (its targets); a run
+        # without a correction has no use for dense targets, and spares their two stores.
+        self.carries_dense_model = config.target == "none" or (config.target == "dense" and
+                                                               self.correction is not None)
         self.fit_options = FitOptions(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                                       warmup=config.warmup,
                                       correction=CorrectionOptions(rank=config.rank, alpha=config.alpha))
@@ -361,7 +366,7 @@ class Driver:
 
     def store_factory(self) -> StoreFactory:
         # inputs and outputs; a correction's targets; the dense model's own activations (in and out)
-        streams = 2 + (self.correction is not None) + (2 if self.config.target != "sparse-inputs" else 0)
+        streams = 2 + (self.correction is not None) + (2 if self.carries_dense_model else 0)
         budget = (int(self.config.activation_budget_gb * 2**30) if self.config.activation_budget_gb
                   else default_activation_budget())
         return StoreFactory(self.config.offload_activations, self.activations, budget, streams)
@@ -453,7 +458,7 @@ class Driver:
         distributed.on_main(lambda: torch.save(calls, self.run_dir.work / "block_calls.pt"),
                             "saving the blocks' arguments")
         dense_name = None
-        if self.config.target != "sparse-inputs":
+        if self.carries_dense_model:
             dense = self.stores.create("dense-00000", self.local_shape(shape), adapter.storage_dtype)
             dense[:] = inputs[:]
             dense_name = self._persist(dense, "dense-00000")
@@ -549,7 +554,7 @@ class Driver:
                                 targets)
                 stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device,
                                                           self.method.needs_input_sums)
-                if config.target == "dense":
+                if config.target == "dense" and dense_inputs is not None:
                     replay(block, dense_inputs, call, self.batch_size, self.device, targets)
                 if dense_inputs is not None:  # the dense model's own activations go on to the next block
                     next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)

@@ -184,3 +184,21 @@ def test_magnitude_without_correction_skips_the_dense_pass(tiny_checkpoint, prun
     report = prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", method="magnitude", error_windows=0)
     assert all("observe" not in block["phases_s"] for block in report["blocks"])
     assert all(layer["rel_error"] is None and layer["sparsity"] == 0.5 for layer in report["layers"])
+
+
+def test_a_dense_target_without_a_correction_changes_nothing(tiny_checkpoint, run_tiny, tmp_path, monkeypatch):
+    """--target dense only matters to a correction: without one, the dense model's activations are not
+    carried (two stores fewer) and the weights are those of the default target."""
+    from reconstruct.store import StoreFactory
+
+    created = []
+    original = StoreFactory.create
+    monkeypatch.setattr(StoreFactory, "create", lambda self, name, *a, **k: created.append(name) or
+                        original(self, name, *a, **k))
+    model = tiny_checkpoint("llama")
+    plain = run_tiny(model, tmp_path / "plain", method="wanda")
+    dense = run_tiny(model, tmp_path / "dense", method="wanda", target="dense")
+    assert not any(name.startswith("dense-") for name in created)
+    plain_tensors, dense_tensors = saved_tensors(plain.out), saved_tensors(dense.out)
+    assert plain_tensors.keys() == dense_tensors.keys()
+    assert all(torch.equal(plain_tensors[name], dense_tensors[name]) for name in plain_tensors)
