@@ -51,6 +51,8 @@ class RunConfig:
     lr: float = 3e-3                     # chosen by the sweep in docs/benchmarks.md
     weight_decay: float = 0.0
     warmup: float = 0.1
+    check_every: int = 0                 # held-out error every N steps: keep the best, stop early; 0 = off
+    patience: int = 2                    # checks without improvement before stopping
     fit_batch_size: int = 1              # windows per optimisation step
     granularity: str = "block"
     target: str = "sparse-inputs"
@@ -116,6 +118,9 @@ class RunConfig:
             raise ConfigError(f"error_windows must be 0 (no per-layer error report) or more, not {self.error_windows}")
         if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup <= 1:
             raise ConfigError("fitting needs steps >= 0, lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
+        if self.check_every < 0 or self.patience < 1:
+            raise ConfigError(f"--check-every must be 0 (off) or a number of steps, and --patience at least 1; "
+                              f"got {self.check_every} and {self.patience}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}")
         if self.target not in TARGETS:

@@ -63,6 +63,11 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                      help="fraction of steps with linear warm-up, then linear decay (default: %(default)s)")
     fit.add_argument("--fit-batch-size", type=int, default=d.fit_batch_size,
                      help="calibration windows per optimisation step (default: %(default)s)")
+    fit.add_argument("--check-every", type=int, default=d.check_every, metavar="STEPS",
+                     help="measure the held-out error every STEPS steps, keep the best state and stop early "
+                     "after --patience checks without improvement; 0 = off (default: %(default)s)")
+    fit.add_argument("--patience", type=int, default=d.patience,
+                     help="held-out checks without improvement before fitting stops (default: %(default)s)")
     fit.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
                      help="fit per block, per sublayer (attention, MLP) or per linear (default: %(default)s)")
     fit.add_argument("--target", choices=TARGETS, default=d.target,

@@ -265,7 +265,8 @@ class Driver:
         self.carries_dense_model = config.target == "none" or (config.target == "dense" and
                                                                self.correction is not None)
         self.fit_options = FitOptions(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
-                                      warmup=config.warmup,
+                                      warmup=config.warmup, check_every=config.check_every,
+                                      patience=config.patience,
                                       correction=CorrectionOptions(rank=config.rank, alpha=config.alpha))
         self.batch_size = config.batch_size
 

@@ -31,6 +31,10 @@ class FitOptions:
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: float = 0.1           # fraction of steps with a linearly rising learning rate
+    # Every `check_every` steps (0: never) the held-out error is measured: the best state seen is
+    # the one kept, and fitting stops after `patience` checks in a row without improvement.
+    check_every: int = 0
+    patience: int = 2
     correction: CorrectionOptions = CorrectionOptions()
 
 
@@ -109,8 +113,12 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
         parameter.requires_grad_(True)
     trainable = sum(p.numel() for p in attachment.trainable)
 
+    def heldout_now() -> float:
+        with attachment.merged_view():
+            return relative_error(run, target, heldout_batches)
+
     note = _optimise(attachment.trainable, run, target, train_batches, options, generator, device,
-                     compute_dtype)
+                     compute_dtype, heldout_now)
     with attachment.merged_view():  # judged as it would be written, before anything is merged
         heldout_after = relative_error(run, target, heldout_batches)
         error_after = relative_error(run, target, train_sample)
@@ -128,12 +136,14 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
                      heldout_after, trainable, time.perf_counter() - started, merged, note)
 
 
-def _optimise(trainable, run, target, train_batches, options, generator, device, compute_dtype) -> str:
+def _optimise(trainable, run, target, train_batches, options, generator, device, compute_dtype,
+              heldout_now: Callable[[], float]) -> str:
     """The training loop; returns a note (empty when nothing unusual happened)."""
     if not trainable or options.steps <= 0:
         return "nothing to train"
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = linear_schedule(optimizer, options.steps, options.warmup)
+    best = BestState(trainable, options.patience)
     order: list[int] = []
     for step in range(options.steps):
         if not order:  # a fresh seeded shuffle of the training batches each epoch
@@ -161,4 +171,35 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
             return f"stopped at step {step}: loss is not finite"
         optimizer.step()
         scheduler.step()
-    return ""
+        if options.check_every and (step + 1) % options.check_every == 0 and step + 1 < options.steps:
+            if best.stop_after(heldout_now()):
+                return best.restore(heldout_now(), f"stopped early at step {step + 1}")
+    return best.restore(heldout_now(), "") if best.checked else ""
+
+
+class BestState:
+    """Early stopping against calibration overfitting: the trainable parameters at the lowest
+    held-out error seen, and whether the error has stopped improving."""
+
+    def __init__(self, trainable: list[nn.Parameter], patience: int):
+        self.trainable, self.patience = trainable, patience
+        self.error, self.saved, self.since_best, self.checked = math.inf, None, 0, False
+
+    def stop_after(self, error: float) -> bool:
+        """Record a held-out check; True once `patience` checks in a row did not improve on the best."""
+        self.checked = True
+        if error < self.error:
+            self.error, self.since_best = error, 0
+            self.saved = [p.detach().clone() for p in self.trainable]
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore(self, final_error: float, note: str) -> str:
+        """Go back to the best checked state if it beats the final one; returns the note."""
+        if self.saved is None or not self.error < final_error:
+            return note
+        with torch.no_grad():
+            for parameter, saved in zip(self.trainable, self.saved):
+                parameter.copy_(saved)
+        return f"{note}; kept the state of the best held-out check".lstrip("; ")

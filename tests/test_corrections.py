@@ -236,3 +236,48 @@ def test_full_fine_tuning_trains_kept_weights_only_and_keeps_positive_zeros():
     weight = unit.proj.weight.detach()
     assert torch.equal(weight == 0, ~mask)
     assert not torch.signbit(weight[~mask]).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# Early stopping: held-out checks keep the best state
+def _fit_on_a_shifted_heldout_set(check_every: int):
+    """Fit MaskLoRA on one pruned linear whose training inputs differ from the held-out ones, with a
+    learning rate high enough that the held-out error rises again late in fitting."""
+    from reconstruct.fit import FitOptions, fit_correction
+
+    unit, mask = _pruned_unit()
+    dense = nn.Linear(48, 40, bias=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        dense.weight.copy_(unit.proj.weight + torch.randn(40, 48, generator=g) * 0.2)
+        dense.bias.copy_(unit.proj.bias)
+    # training windows live mostly in the first features, held-out ones in all of them: fitting the
+    # training windows ever closer overfits what the held-out windows see
+    train = [torch.randn(16, 48, generator=g) * torch.cat([torch.ones(8), torch.full((40,), 0.05)])
+             for _ in range(8)]
+    heldout = [torch.randn(16, 48, generator=g) for _ in range(2)]
+    inputs = train + heldout
+    options = FitOptions(steps=120, lr=0.05, warmup=0.0, check_every=check_every, patience=2,
+                         correction=CorrectionOptions(rank=8, alpha=16.0))
+    report = fit_correction(unit, make_correction("masklora"), {"proj": mask}, lambda i: unit(inputs[i]),
+                            lambda i: dense(inputs[i]).detach(), list(range(8)), [8, 9], options,
+                            torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
+    return report, unit
+
+
+def test_held_out_checks_keep_the_best_state_and_stop_early():
+    plain, _ = _fit_on_a_shifted_heldout_set(check_every=0)
+    checked, unit = _fit_on_a_shifted_heldout_set(check_every=5)
+    assert "stopped early" in checked.note and "best held-out check" in checked.note
+    assert checked.heldout_after < plain.heldout_after
+    if checked.merged:
+        assert torch.equal(unit.proj.weight == 0, ~_pruned_unit()[1])  # zeros still exactly the mask
+
+
+def test_check_every_settings_are_validated():
+    from reconstruct.api import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="check-every"):
+        RunConfig(model="m", out="o", check_every=-1).validate()
+    with pytest.raises(ConfigError, match="patience"):
+        RunConfig(model="m", out="o", check_every=10, patience=0).validate()
