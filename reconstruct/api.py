@@ -13,7 +13,7 @@ from .corrections import CorrectionError, make_correction
 from .pruning import METHODS, NMPattern, PruningError
 
 GRANULARITIES = ("block", "sublayer", "linear")
-TARGETS = ("sparse-inputs", "dense", "none")
+TARGETS = ("sparse-inputs", "dense", "mix", "none")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 

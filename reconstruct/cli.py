@@ -72,8 +72,8 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                      help="fit per block, per sublayer (attention, MLP) or per linear (default: %(default)s)")
     fit.add_argument("--target", choices=TARGETS, default=d.target,
                      help="sparse-inputs: dense block on the pruned model's inputs (PERP); dense: the dense "
-                     "model's own activations; none: dense inputs and targets, no error propagation "
-                     "(default: %(default)s)")
+                     "model's own activations; mix: the midpoint of those two; none: dense inputs and targets, "
+                     "no error propagation (default: %(default)s)")
     fit.add_argument("--heldout", type=float, default=d.heldout,
                      help="fraction of windows held out to check that a correction helps (default: %(default)s)")
 

@@ -191,6 +191,22 @@ class LayerErrorMeter:
         self.error, self.reference = dict(zip(names, sums[:len(names)])), dict(zip(names, sums[len(names):]))
 
 
+# How much of a correction's target is the dense model's own output; the rest is the dense block's
+# output on the pruned model's inputs (--target sparse-inputs). Fitting towards the midpoint of two
+# targets is fitting towards both with equal weight: ‖y − a‖² + ‖y − b‖² = 2‖y − (a+b)/2‖² + const.
+DENSE_TARGET_SHARE = {"dense": 1.0, "mix": 0.5}
+
+
+def blend_targets(targets: ActivationStore, dense_out: ActivationStore, dense_share: float, batch_size: int):
+    """targets ← (1 − share)·targets + share·dense_out, a few windows at a time (in fp32)."""
+    for start in range(0, len(targets), batch_size):
+        window = slice(start, start + batch_size)
+        if dense_share == 1.0:
+            targets[window] = dense_out[window]
+        else:
+            targets[window] = torch.lerp(targets[window].float(), dense_out[window].float(), dense_share)
+
+
 def replay(block, inputs: ActivationStore, call, batch_size: int, device, outputs: ActivationStore,
            meter: "LayerErrorMeter | None" = None, first_window: int = 0) -> None:
     """`first_window`: the calibration window that `inputs[0]` is (not 0 on ranks after the first)."""
@@ -260,9 +276,9 @@ class Driver:
         self.sparsity = config.effective_sparsity
         self.correction = make_correction(config.correction)
         # The dense model's own activations travel beside the pruned model's for --target none (the
-        # statistics and fit read them) and --target dense with a correction (its targets); a run
+        # statistics and fit read them) and --target dense or mix with a correction (its targets); a run
         # without a correction has no use for dense targets, and spares their two stores.
-        self.carries_dense_model = config.target == "none" or (config.target == "dense" and
+        self.carries_dense_model = config.target == "none" or (config.target in DENSE_TARGET_SHARE and
                                                                self.correction is not None)
         self.fit_options = FitOptions(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                                       warmup=config.warmup, check_every=config.check_every,
@@ -555,11 +571,13 @@ class Driver:
                                 targets)
                 stats = distributed.all_reduce_statistics(stats, observed, self.method.needs_hessian, self.device,
                                                           self.method.needs_input_sums)
-                if config.target == "dense" and dense_inputs is not None:
-                    replay(block, dense_inputs, call, self.batch_size, self.device, targets)
                 if dense_inputs is not None:  # the dense model's own activations go on to the next block
                     next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)
-                    next_dense[:] = targets[:]
+                    if config.target == "none":  # the block ran on dense inputs: its outputs are these
+                        next_dense[:] = targets[:]
+                    else:
+                        replay(block, dense_inputs, call, self.batch_size, self.device, next_dense)
+                        blend_targets(targets, next_dense, DENSE_TARGET_SHARE[config.target], self.batch_size)
                 if config.granularity != "block" and self.correction:
                     dense_block = copy.deepcopy(block)
                 return_freed_memory()  # the forward pass's small freed tensors, before pruning's peak

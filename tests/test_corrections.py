@@ -206,7 +206,7 @@ def test_unknown_correction_lists_choices():
 
 @pytest.mark.parametrize("granularity, target", [("block", "sparse-inputs"), ("sublayer", "sparse-inputs"),
                                                  ("linear", "sparse-inputs"), ("block", "dense"),
-                                                 ("block", "none")])
+                                                 ("block", "mix"), ("block", "none")])
 def test_granularities_and_targets_keep_exact_sparsity(granularity, target, tiny_checkpoint, prune_tiny,
                                                        tmp_path):
     model_dir = tiny_checkpoint("llama")
@@ -281,3 +281,17 @@ def test_check_every_settings_are_validated():
         RunConfig(model="m", out="o", check_every=-1).validate()
     with pytest.raises(ConfigError, match="patience"):
         RunConfig(model="m", out="o", check_every=10, patience=0).validate()
+
+
+def test_mixed_target_is_the_midpoint_of_the_two_targets():
+    from reconstruct.driver import DENSE_TARGET_SHARE, blend_targets
+    from reconstruct.store import ActivationStore
+
+    g = torch.Generator().manual_seed(0)
+    sparse_inputs_target, dense_out = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    for target, expected in (("mix", (sparse_inputs_target + dense_out) / 2), ("dense", dense_out)):
+        targets, dense = ActivationStore((5, 3, 4), torch.float32), ActivationStore((5, 3, 4), torch.float32)
+        targets[:], dense[:] = sparse_inputs_target, dense_out
+        blend_targets(targets, dense, DENSE_TARGET_SHARE[target], batch_size=2)  # in uneven pieces
+        assert torch.allclose(targets[:], expected, atol=1e-7)
+        assert torch.equal(dense[:], dense_out)
