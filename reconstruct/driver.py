@@ -67,11 +67,13 @@ def observe(block, inputs: ActivationStore, call, linears, method: PruningMethod
             torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
-            outputs = call_block(block, inputs[window].to(device), call)
+            batch = inputs[window].to(device)
+            collector.start_batch(batch.shape[0], batch.shape[1])
+            outputs = call_block(block, batch, call)
+            del batch
             if dense_out is not None:
                 dense_out[window] = outputs
             del outputs
-            collector.end_pass()
     return collector.stats
 
 
