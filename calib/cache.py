@@ -10,7 +10,8 @@ Where
 
 Key
     the SHA-256 of a JSON *description* of everything the tokens depend on: the cache format
-    version, the tokenizer's identity (`tokenizer_identity`), the protocol name, the source (dataset
+    version, the tokenizer's identity (`tokenizer_identity` of a loaded tokenizer, or
+    `tokenizer_files_identity` of a tokenizer directory that is not loaded), the protocol name, the source (dataset
     id and file, or a local file's path, size and modification time), the text field, and any
     sampling parameters. A different tokenizer, protocol or file therefore never hits an old entry.
     The description is also stored inside the file, to make entries inspectable.
@@ -61,6 +62,35 @@ def tokenizer_identity(tokenizer) -> dict:
         "vocab_sha256": vocab_hash,
         "probe_ids": list(tokenizer(PROBE_TEXT)["input_ids"]),
     }
+
+
+# Files of a model or tokenizer directory that cannot change how text is tokenised: weights. Every
+# other top-level file is hashed (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+# added_tokens.json, vocab and merges files, sentencepiece models, and config.json, from which
+# transformers may pick the tokenizer class): a file that does not matter costs a cache miss at
+# worst, a file left out could give a wrong hit.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def tokenizer_files_identity(directory: str | os.PathLike) -> dict:
+    """The identity of the tokenizer saved in a local directory, without loading it: the SHA-256 of
+    each file it can be loaded from, and the versions of the libraries that turn those files into
+    token ids (a new transformers or tokenizers can tokenise the same files differently).
+
+    Hashing a large vocabulary's files takes tens of milliseconds; loading the tokenizer, seconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    files = {}
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+            files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    versions = {}
+    for package in ("transformers", "tokenizers", "sentencepiece", "tiktoken"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"files_sha256": files, "versions": versions}
 
 
 class TokenCache:

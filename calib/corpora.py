@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from calib import sources, tokens
-from calib.cache import TokenCache, token_cache_dir, tokenizer_identity
+from calib.cache import TokenCache, token_cache_dir, tokenizer_files_identity, tokenizer_identity
 
 # SparseGPT's C4 evaluation text: the first 1100 validation documents joined with single spaces
 # (then cut to 256 windows by calib.evaluation).
@@ -28,17 +27,40 @@ C4_EVAL_DOCUMENTS = 1100
 DOCUMENT_SEPARATOR = "\n\n"
 
 
-@dataclass(frozen=True)
+class TokenizerFiles:
+    """A tokenizer saved in a local directory, loaded (by `load`) only if something has to be
+    tokenised: its identity comes from its files (`calib.cache.tokenizer_files_identity`), so data
+    tokenised before is served from the cache without loading it. Loading a large vocabulary's
+    tokenizer takes seconds."""
+
+    def __init__(self, directory: str | os.PathLike, load: Callable[[], object]):
+        self.directory = Path(directory)
+        self.load = load
+
+
 class CachedTokenizer:
     """A tokenizer together with its identity (for cache keys) and the cache its output goes to."""
 
-    tokenizer: object
-    identity: dict
-    cache: TokenCache
+    def __init__(self, identity: dict, cache: TokenCache, load: Callable[[], object]):
+        self.identity = identity
+        self.cache = cache
+        self._load = load
+        self._tokenizer = None
 
     @classmethod
     def create(cls, tokenizer, cache_dir: str | os.PathLike | None = None) -> "CachedTokenizer":
-        return cls(tokenizer, tokenizer_identity(tokenizer), TokenCache(token_cache_dir(cache_dir)))
+        """`tokenizer`: a loaded tokenizer, or `TokenizerFiles` to load only on a cache miss."""
+        cache = TokenCache(token_cache_dir(cache_dir))
+        if isinstance(tokenizer, TokenizerFiles):
+            return cls(tokenizer_files_identity(tokenizer.directory), cache, tokenizer.load)
+        return cls(tokenizer_identity(tokenizer), cache, lambda: tokenizer)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer itself, loaded at the first use (only when something is tokenised)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._load()
+        return self._tokenizer
 
     def cached(self, protocol: str, source: dict, text_field: str,
                compute: Callable[[], dict[str, torch.Tensor]], **parameters) -> dict[str, torch.Tensor]:

@@ -183,7 +183,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default=None, help="also write the results here")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Of the commands that live in their own module (`_EXTRA_COMMANDS`),
+    only `command`'s is imported (for its arguments): the sweep's imports the evaluation and YAML
+    code, which a prune never uses. The others are listed with their help only."""
     parser = argparse.ArgumentParser(prog="reconstruct", description="Prune a causal language model one block "
                                      "at a time and repair it with sparsity-preserving corrections.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -197,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="where to put the demo's files (default: a temporary directory)")
     for name, (module, description) in _available_extra_commands().items():
         extra = commands.add_parser(name, help=description)
-        _import(module).add_arguments(extra)
+        if name == command:
+            _import(module).add_arguments(extra)
     return parser
 
 
@@ -207,6 +211,12 @@ _EXTRA_COMMANDS = {
     "sweep": ("reconstruct.sweep", "run a grid of prune + eval cells from a YAML file, resumably"),
     "compare": ("reconstruct.compare", "per-layer sparsity and error of several runs side by side"),
 }
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the only option before the
+    command, -v/--verbose, takes no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _import(module: str):
@@ -293,7 +303,7 @@ def run_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`argv` None: this process is the command (`reconstruct …`, `python -m reconstruct …`), and a
     prune's report counts the process's start-up and imports in its wall time."""
-    parser = build_parser()
+    parser = build_parser(command_of(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -38,7 +38,7 @@ from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .lock import run_lock
 from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
-from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
+from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from .prefetch import BlockPrefetcher
 from .pruning import METHODS, PruningError, PruningMethod
 from .pruning.base import row_chunks
@@ -67,11 +67,13 @@ def observe(block, inputs: ActivationStore, call, linears, method: PruningMethod
             torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             window = slice(start, start + batch_size)
-            outputs = call_block(block, inputs[window].to(device), call)
+            batch = inputs[window].to(device)
+            collector.start_batch(batch.shape[0], batch.shape[1])
+            outputs = call_block(block, batch, call)
+            del batch
             if dense_out is not None:
                 dense_out[window] = outputs
             del outputs
-            collector.end_pass()
     return collector.stats
 
 
@@ -294,9 +296,6 @@ class Driver:
         self.check_correction_against_model()
         return_freed_memory()  # what building the skeleton left free: before the first block's peak
 
-    def load_tokenizer(self):
-        return load_tokenizer(self.config.tokenizer or self.adapter.checkpoint.directory)
-
     def open_pruned_source(self) -> ModelAdapter:
         """The checkpoint `--masks-from` names, checked against the dense model before any work: the
         same family, the same blocks, and every linear of the same shape."""
@@ -342,11 +341,12 @@ class Driver:
                     self.pattern.check_divides(linear.in_features, f"{self.adapter.block_name(index)}.{name}")
 
     def calibration_windows(self) -> torch.Tensor:
-        """The calibration token windows. The tokenizer is loaded for this only (a resumed run does
-        not need it) and dropped afterwards: a large vocabulary's tokenizer is tens of MB."""
+        """The calibration token windows. The tokenizer is loaded for this only, and only when the
+        windows are not in the token cache (a resumed run does not need them at all); it is dropped
+        afterwards: a large vocabulary's tokenizer is tens of MB and takes seconds to load."""
         import calib
 
-        tokenizer = self.load_tokenizer()
+        tokenizer = tokenizer_for_data(self.config.tokenizer or self.adapter.checkpoint.directory)
         return calib.calibration_windows(self.config.calib, tokenizer, self.config.nsamples,
                                          self.config.seqlen, seed=self.config.seed,
                                          text_field=self.config.text_field, cache_dir=self.config.cache_dir)

@@ -432,6 +432,17 @@ def load_tokenizer(source: str | os.PathLike):
                                     "with a directory or hub id that has one") from error
 
 
+def tokenizer_for_data(source: str | os.PathLike):
+    """The tokenizer of `source` as `calib`'s functions take it. A local directory's is loaded only
+    if some data is not in the token cache yet: its cache key comes from its files. A hub id's is
+    loaded now: its cache key comes from the loaded tokenizer."""
+    from calib.corpora import TokenizerFiles
+
+    if Path(source).is_dir():
+        return TokenizerFiles(source, lambda: load_tokenizer(source))
+    return load_tokenizer(source)
+
+
 def find_blocks(model: nn.Module, num_layers: int | None) -> str:
     """The dotted path of the ModuleList holding the decoder blocks, found by shape, not by name."""
     candidates = []

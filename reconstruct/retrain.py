@@ -42,7 +42,7 @@ from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
 from .lock import run_lock
 from .memory import peak_rss_bytes
-from .models import ModelAdapter, UnsupportedModelError, load_tokenizer, open_model, prunable_linears
+from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from .writer import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class Retrainer:
         import calib
 
         config = self.config
-        tokenizer = load_tokenizer(config.tokenizer or self.adapter.checkpoint.directory)
+        tokenizer = tokenizer_for_data(config.tokenizer or self.adapter.checkpoint.directory)
         return calib.training_windows(config.data, tokenizer, config.steps * config.batch_size,
                                       config.eval_windows, config.seqlen, seed=config.seed,
                                       text_field=config.text_field, cache_dir=config.cache_dir)

@@ -364,6 +364,54 @@ def test_cache_misses_when_the_file_or_the_tokenizer_changes(tokenizer, tmp_path
     assert len(list(cache_dir.glob("*.safetensors"))) == 3
 
 
+class CountingLoads:
+    """`TokenizerFiles`' loader for a saved tokenizer directory, counting its calls."""
+
+    def __init__(self, directory):
+        self.directory, self.calls = directory, 0
+
+    def __call__(self):
+        from transformers import AutoTokenizer
+
+        self.calls += 1
+        return AutoTokenizer.from_pretrained(self.directory)
+
+
+def test_a_tokenizer_directory_is_loaded_only_on_a_cache_miss(tokenizer, tmp_path, sample_txt, cache_dir):
+    from calib.corpora import TokenizerFiles
+
+    directory = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(directory)
+    load = CountingLoads(directory)
+    first = calibration_windows(str(sample_txt), TokenizerFiles(directory, load), 8, SEQLEN, cache_dir=cache_dir)
+    assert load.calls == 1
+    # The windows are the loaded tokenizer's (its own cache entry is keyed differently).
+    assert torch.equal(first, calibration_windows(str(sample_txt), tokenizer, 8, SEQLEN, cache_dir=cache_dir))
+    again = calibration_windows(str(sample_txt), TokenizerFiles(directory, load), 8, SEQLEN, cache_dir=cache_dir)
+    assert load.calls == 1 and torch.equal(first, again)  # a hit: not loaded
+
+
+def test_a_changed_tokenizer_file_misses_the_cache(tmp_path, sample_txt, cache_dir):
+    from calib.corpora import TokenizerFiles
+
+    directory = tmp_path / "tokenizer"
+    tiny_tokenizer().save_pretrained(directory)
+    load = CountingLoads(directory)
+    before = calibration_windows(str(sample_txt), TokenizerFiles(directory, load), 8, SEQLEN, cache_dir=cache_dir)
+    # Another vocabulary, saved over the same directory: the same file names, other contents.
+    tiny_tokenizer(vocab_size=300).save_pretrained(directory)
+    after = calibration_windows(str(sample_txt), TokenizerFiles(directory, load), 8, SEQLEN, cache_dir=cache_dir)
+    assert load.calls == 2
+    assert not torch.equal(before, after)
+    # Only the weights are left out of the identity: a changed config.json misses too.
+    (directory / "config.json").write_text("{}")
+    calibration_windows(str(sample_txt), TokenizerFiles(directory, load), 8, SEQLEN, cache_dir=cache_dir)
+    assert load.calls == 3
+    (directory / "model.safetensors").write_bytes(b"weights do not tokenise")
+    calibration_windows(str(sample_txt), TokenizerFiles(directory, load), 8, SEQLEN, cache_dir=cache_dir)
+    assert load.calls == 3
+
+
 def test_cache_directory_comes_from_the_environment_by_default(tokenizer, sample_txt, tmp_path,
                                                                monkeypatch):
     monkeypatch.setenv("RECONSTRUCT_CACHE", str(tmp_path / "elsewhere"))

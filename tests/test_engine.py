@@ -157,6 +157,29 @@ def test_same_seed_gives_identical_files_other_seed_differs(tiny_checkpoint, pru
     assert changed, "a different seed (other calibration windows) left every block weight unchanged"
 
 
+def test_cached_calibration_tokens_need_no_tokenizer(tiny_checkpoint, prune_tiny, tmp_path, monkeypatch):
+    """The second run of the same calibration finds its tokens in the cache by the tokenizer's files:
+    it never loads the tokenizer, and writes the same checkpoint (with the tokenizer's files)."""
+    from reconstruct import models
+
+    model_dir = tiny_checkpoint("llama")
+    loads = []
+    load = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda source: loads.append(source) or load(source))
+    first = prune_tiny(model_dir, tmp_path / "first", cache_dir=str(tmp_path / "cache"))
+    assert len(loads) == 1  # a new cache: tokenised once
+
+    def refuse(source):
+        raise AssertionError("the tokenizer was loaded although the tokens are cached")
+
+    monkeypatch.setattr(models, "load_tokenizer", refuse)
+    second = prune_tiny(model_dir, tmp_path / "second", cache_dir=str(tmp_path / "cache"))
+    files = _safetensors_files(tmp_path / "first") + ["tokenizer.json", "tokenizer_config.json"]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "first", tmp_path / "second", files, shallow=False)
+    assert match == files and not mismatch and not errors
+    assert first["totals"]["pruned_sparsity"] == second["totals"]["pruned_sparsity"]
+
+
 # --------------------------------------------------------------------------------------------------
 def test_report_has_time_per_phase_adding_up_to_the_wall_time(tiny_checkpoint, prune_tiny, tmp_path):
     """report.json says where the time went: start-up and each block's phases, in total and per

@@ -87,7 +87,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
     x, weight = _realistic_layer()
     stats = InputStatistics(x.shape[1], "cpu", with_hessian=True)
     for start in range(0, len(x), 256):  # accumulated over batches, as the engine does
-        stats.add(x[start:start + 256])
+        stats.add_tokens(x[start:start + 256])
     errors = {}
     for name in ("magnitude", "wanda", "sparsegpt"):
         result = METHODS[name].prune(weight.clone(), stats, 0.5, pattern, layer="test")
@@ -120,7 +120,7 @@ def test_wanda_and_magnitude_masks_directly():
     weight = torch.randn(6, 16, generator=g)
     x = torch.randn(100, 16, generator=g) * torch.linspace(0.1, 3, 16)
     stats = InputStatistics(16, "cpu", with_hessian=False)
-    stats.add(x)
+    stats.add_tokens(x)
     wanda = METHODS["wanda"].prune(weight.clone(), stats, 0.3, None)
     assert ((wanda.weight == 0).sum(dim=1) == int(16 * 0.3)).all()
     scores = weight.abs() * x.pow(2).sum(0).sqrt()
@@ -141,7 +141,7 @@ def test_wanda_selects_the_same_in_row_chunks(pattern, monkeypatch):
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(37, 64, generator=g).to(torch.bfloat16)
     stats = InputStatistics(64, "cpu", with_hessian=False)
-    stats.add(torch.randn(50, 64, generator=g) * torch.linspace(0.1, 3, 64))
+    stats.add_tokens(torch.randn(50, 64, generator=g) * torch.linspace(0.1, 3, 64))
     whole = base.row_mask(weight.abs().float() * stats.column_norms[None, :], 0.5, pattern)
     monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 5 * 64)  # 8 chunks, the last one short
     assert len(base.row_chunks(weight)) == 8
@@ -209,7 +209,7 @@ def test_dsnot_keeps_each_rows_sparsity_and_shrinks_its_expected_error():
     x, weight = _inputs_with_a_mean()
     stats = InputStatistics(x.shape[1], "cpu", with_hessian=False, with_sums=True)
     for start in range(0, len(x), 500):
-        stats.add(x[start:start + 500])
+        stats.add_tokens(x[start:start + 500])
     assert torch.allclose(stats.means, x.mean(0), atol=1e-5)
     assert torch.allclose(stats.variances, x.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
     wanda = METHODS["wanda"].prune(weight.clone(), stats, 0.7, None)
@@ -231,6 +231,6 @@ def test_dsnot_keeps_each_rows_sparsity_and_shrinks_its_expected_error():
 def test_dsnot_refuses_nm_patterns():
     x, weight = _inputs_with_a_mean()
     stats = InputStatistics(x.shape[1], "cpu", with_hessian=False, with_sums=True)
-    stats.add(x)
+    stats.add_tokens(x)
     with pytest.raises(PruningError, match="unstructured"):
         METHODS["dsnot"].prune(weight, stats, 0.5, NMPattern(2, 4))

@@ -286,23 +286,76 @@ def test_layer_error_meter_reads_dense_weights_in_pieces():
     assert meter.relative("proj") is None  # --error-windows 0: no report
 
 
-def test_statistics_in_token_chunks_are_the_whole_batch_statistics(monkeypatch):
-    """Inputs are converted to fp32 a few tokens at a time; norms and Hessian are those of the batch."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_statistics_in_chunks_are_the_whole_batch_statistics(monkeypatch, dtype):
+    """Inputs are converted (and squared) a few tokens at a time; norms and Hessian are those of the
+    batch, by either path, and neither squares the caller's tensor in place."""
     from reconstruct import stats as stats_module
 
-    x = torch.randn(3, 50, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    whole = stats_module.InputStatistics(24, "cpu", with_hessian=True)
-    whole.add(x)
-    monkeypatch.setattr(stats_module, "TOKEN_CHUNK_ELEMENTS", 7 * 24)  # 22 chunks of 7 tokens (last 3)
-    chunked = stats_module.InputStatistics(24, "cpu", with_hessian=True)
-    chunked.add(x)
-    assert chunked.tokens == whole.tokens == 150
-    torch.testing.assert_close(chunked.column_norms, whole.column_norms)
-    torch.testing.assert_close(chunked.hessian, whole.hessian)
-    fp32 = torch.randn(10, 24)
-    original = fp32.clone()
-    chunked.add(fp32)
-    assert torch.equal(fp32, original)  # the caller's tensor is not squared in place
+    x = torch.randn(3, 50, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
+    reference = x.double().reshape(-1, 24)
+    whole = stats_module.InputStatistics(24, "cpu", with_hessian=True, with_sums=True)
+    whole.add_tokens(x)
+    monkeypatch.setattr(stats_module, "CHUNK_BYTES", 7 * 24 * 8)  # fp64: 22 chunks of 7 tokens (last 3)
+    chunked = stats_module.InputStatistics(24, "cpu", with_hessian=True, with_sums=True)
+    chunked.add_tokens(x)
+    windows = stats_module.InputStatistics(24, "cpu", with_hessian=True, with_sums=True)
+    monkeypatch.setattr(stats_module, "CHUNK_BYTES", 7 * 24 * 4)  # fp32: 8 chunks a window (last 1)
+    original = x.clone()
+    windows.add_windows(x)
+    assert torch.equal(x, original)
+    for stats in (whole, chunked, windows):
+        assert stats.tokens == 150
+        torch.testing.assert_close(stats.column_norms, reference.square().sum(0).sqrt().float())
+        torch.testing.assert_close(stats.hessian, (2 / 150 * reference.T @ reference).float())
+        torch.testing.assert_close(stats.means, reference.mean(0).float())
+
+
+def test_window_statistics_do_not_depend_on_the_batches():
+    """One fp32 partial per window, added in fp64: any split of the windows into batches (or ranks,
+    whose sums are added) gives the same bytes once read as fp32."""
+    from reconstruct.stats import InputStatistics
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 40, 32, generator=g) * torch.exp(torch.randn(32, generator=g))).to(torch.bfloat16)
+    results = []
+    for batches in ([7], [1] * 7, [3, 4], [2, 2, 3]):
+        stats = InputStatistics(32, "cpu", with_hessian=True, with_sums=True)
+        for batch in torch.split(x, batches):
+            stats.add_windows(batch)
+        results.append(stats)
+    two_ranks = [InputStatistics(32, "cpu", with_hessian=True, with_sums=True) for _ in range(2)]
+    two_ranks[0].add_windows(x[4:])  # the later windows first: the order of the ranks' sums is free
+    two_ranks[1].add_windows(x[:4])
+    two_ranks[0].squared_norms += two_ranks[1].squared_norms
+    two_ranks[0].sums += two_ranks[1].sums
+    two_ranks[0].hessian_sum += two_ranks[1].hessian_sum
+    two_ranks[0].tokens += two_ranks[1].tokens
+    results.append(two_ranks[0])
+    for stats in results[1:]:
+        assert torch.equal(stats.column_norms, results[0].column_norms)
+        assert torch.equal(stats.hessian, results[0].hessian)
+        assert torch.equal(stats.means, results[0].means)
+
+
+def test_collector_adds_whole_windows_by_window_and_expert_tokens_by_token(monkeypatch):
+    from reconstruct import stats as stats_module
+
+    calls = []
+    monkeypatch.setattr(stats_module.InputStatistics, "add_windows",
+                        lambda self, x: calls.append(("windows", tuple(x.shape))))
+    monkeypatch.setattr(stats_module.InputStatistics, "add_tokens",
+                        lambda self, x: calls.append(("tokens", tuple(x.shape))))
+    linears = {"self_attn.q_proj": nn.Linear(8, 4), "mlp.fc1": nn.Linear(8, 4),
+               "mlp.experts.0.up_proj": nn.Linear(8, 4), "mlp.shared_experts.up_proj": nn.Linear(8, 4)}
+    x = torch.randn(2, 5, 8)
+    with stats_module.StatisticsCollector(linears, with_hessian=False) as collector, torch.no_grad():
+        collector.start_batch(2, 5)
+        linears["self_attn.q_proj"](x)
+        linears["mlp.fc1"](x.reshape(10, 8))  # OPT's MLP: the batch flattened, in order
+        linears["mlp.experts.0.up_proj"](x.reshape(10, 8))  # every token routed to this expert
+        linears["mlp.shared_experts.up_proj"](x[:, :3])  # not the batch's tokens
+    assert calls == [("windows", (2, 5, 8)), ("windows", (2, 5, 8)), ("tokens", (10, 8)), ("tokens", (2, 3, 8))]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -268,3 +268,21 @@ def test_chained_retrain_cells_reuse_the_prune_checkpoint(tmp_path, files, monke
     assert not list(out.glob("cells/*/checkpoint*")) and not list(out.glob("cells/*/pruned"))
     bad = write_grid(tmp_path, files, retrain={"params": ["norm"], "seed": 3})
     assert cli(["sweep", str(bad), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_a_prune_command_line_does_not_import_the_sweep(tmp_path):
+    """The sweep's module (evaluation, YAML) is imported for the sweep command only; both parse."""
+    import subprocess
+    import sys
+
+    program = ("import sys; from reconstruct.cli import build_parser, command_of\n"
+               "argv = sys.argv[1:]\n"
+               "args = build_parser(command_of(argv)).parse_args(argv)\n"
+               "print(args.command, 'reconstruct.sweep' in sys.modules)")
+    root = str(Path(__file__).parent.parent)
+    prune_line, sweep_help = [
+        subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, check=True,
+                       cwd=root, env={"PYTHONPATH": root, "PATH": ""}).stdout
+        for argv in (["-v", "prune", "MODEL", "--out", "OUT"], ["sweep", "--help"])]
+    assert prune_line.split() == ["prune", "False"]
+    assert "--dry-run" in sweep_help  # the sweep's own arguments
