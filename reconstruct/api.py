@@ -194,6 +194,7 @@ class RetrainConfig:
     dtype: str | None = None             # bf16 | fp16 | fp32 for the frozen weights; None = the checkpoint's
     tokenizer: str | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False                   # under torchrun: shard the weights across ranks (FSDP2)
     eval_every: int = 100                # held-out loss every this many steps (and at start and end)
     eval_windows: int = 16               # validation windows, from documents never trained on
     save_every: int = 100                # resumable training state every this many steps (0: never)
@@ -219,7 +220,8 @@ class RetrainConfig:
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes the output; a resumed run must match it."""
-        ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every"}
+        # --fsdp changes float rounding only (as the number of ranks does) and saves the same state
+        ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every", "fsdp"}
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -239,6 +241,9 @@ class RetrainConfig:
             raise ConfigError("--save-every and --distill must be 0 or more")
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.fsdp and self.teacher:
+            raise ConfigError("--fsdp with --teacher is not supported: the teacher would be a whole copy of a "
+                              "model on every rank; retrain without --teacher, or without --fsdp")
         for device in (self.device, self.teacher_device or self.device):
             if device.startswith("cuda") and not torch.cuda.is_available():
                 raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")

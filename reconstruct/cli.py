@@ -157,6 +157,9 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=default_device(), help="cuda, cuda:1 or cpu (default: %(default)s)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="frozen weights' dtype (default: the checkpoint's); trainable ones are fp32")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard the weights across the processes (FSDP2) instead of a whole "
+                     "copy on each device, for a model that does not fit one; slower (docs/distributed.md)")
     run.add_argument("--save-every", type=int, default=d.save_every,
                      help="save a resumable training state every this many steps; 0: never (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")

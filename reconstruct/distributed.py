@@ -21,6 +21,15 @@ single-process algorithm with a few marked points where ranks meet:
                                          error reaches every rank
     check_identical(groups, what)        checksums compared across ranks; a mismatch raises
 
+and, for `retrain --fsdp`, a model whose parameters are sharded across ranks (FSDP2):
+
+    shard_model(model, blocks, device)   fully_shard each block, then the root; gradients summed
+    is_sharded(t) / full_tensor(t)       a sharded tensor (DTensor)? its whole value on every rank
+    shard_like(full, like)               this rank's part of a whole value, sharded as `like`
+    unshard_model_(model, device)        every sharded parameter replaced by its whole value
+    whole_optimizer_state(optimizer)     its state_dict() with whole tensors: what one process saves
+    load_optimizer_state(optimizer, s)   ... and back, each rank keeping its part
+
 Nothing global is kept but torch.distributed's own default process group. Collectives must be
 called by every rank in the same order: never inside a branch that only some ranks take, and never
 while iterating a set or a dict whose order could differ between ranks.
@@ -34,6 +43,7 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 T = TypeVar("T")
 
@@ -246,23 +256,138 @@ def on_main(fn: Callable[[], T], what: str) -> T:
 
 
 # --------------------------------------------------------------------------------------------------
+# A model sharded across ranks (FSDP2, `retrain --fsdp`): each rank holds 1/N of every parameter
+def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device: torch.device) -> None:
+    """Shard `model`'s parameters (frozen and trainable) and buffers across ranks on `device`: each
+    block is one FSDP2 unit, gathered whole just for its own forward and backward, and the rest
+    (embeddings, final norm, head) is the root's unit. One process: nothing happens.
+
+    FSDP2 allows frozen and trainable parameters in one unit (only the trainable ones get gradients,
+    and those must share a dtype: the corrections' fp32 parameters do). Gradients are summed, not
+    averaged, over ranks: the training loss is already divided by the global batch's token count.
+    Every rank must then run the same number of forward (and backward) passes: each pass gathers
+    the parameters with a collective."""
+    if world_size() == 1:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM: with a divide factor FSDP uses PREMUL_SUM, which gloo does not have.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's whole value, on every rank (a collective: every rank gathers the same
+    tensors in the same order); a plain tensor is returned as it is."""
+    if not is_sharded(tensor):
+        return tensor
+    return _collective("gathering a sharded tensor", tensor.full_tensor)
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` (which every rank holds, e.g. read from a file), sharded as `like`
+    is; `full` itself where `like` is a plain tensor. No communication."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def unshard_model_(model: nn.Module, device: torch.device | str) -> None:
+    """Replace every sharded parameter of `model` by a plain one holding its whole value on `device`,
+    and move the buffers there: after training, so that merging and writing see ordinary tensors.
+    Every rank ends up with the whole model on `device` (the host, where it was loaded). A
+    collective; nothing happens to a model that is not sharded. No forward pass may follow: the
+    FSDP hooks are still in place."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # every unit in its sharded state, whatever the last pass left
+    whole: dict[int, nn.Parameter] = {}  # a tied parameter (embedding and head) stays one tensor
+    for module in model.modules():  # the same order on every rank
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and is_sharded(parameter):
+                if id(parameter) not in whole:
+                    whole[id(parameter)] = nn.Parameter(full_tensor(parameter).detach().to(device),
+                                                        requires_grad=False)
+                setattr(module, name, whole[id(parameter)])
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with every sharded tensor (AdamW's moments of a sharded parameter)
+    replaced by its whole value on the host: the same file whether or not the parameters were
+    sharded. A collective where they are."""
+    state = optimizer.state_dict()
+    # state_dict() hands out the live per-parameter dicts: build new ones rather than edit them
+    state["state"] = {index: {key: full_tensor(value).cpu() if is_sharded(value) else value
+                              for key, value in state["state"][index].items()}
+                      for index in sorted(state["state"])}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state saved by `whole_optimizer_state`; where a parameter is sharded, this rank keeps
+    its part of each of the parameter's tensors (the step counter is a scalar and stays whole)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    state = dict(state, state={
+        index: {key: shard_like(value, parameters[index])
+                if torch.is_tensor(value) and value.shape == parameters[index].shape and value.dim() else value
+                for key, value in values.items()}
+        for index, values in state["state"].items()})
+    optimizer.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------------
 # Proving that every rank holds the same tensors
-CHECKSUM_CHUNK_BYTES = 2**22
-_CHECKSUM_MODULUS = 65521  # a prime: the weight of each byte cycles with its position
+CHECKSUM_CHUNK_WORDS = 2**20  # 4-byte words summed at a time
+_CHECKSUM_MODULUS = 65521  # a prime: the weight of each word cycles with its position
+_checksum_weights: dict[torch.device, torch.Tensor] = {}
+
+
+def _weights(device: torch.device, position: int, count: int) -> torch.Tensor:
+    """(position + i) % modulus + 1 for i < count: a slice of one table made once per device (every
+    block is checked twice on every rank, so the table is not rebuilt each time)."""
+    table = _checksum_weights.get(device)
+    if table is None:
+        table = torch.arange(CHECKSUM_CHUNK_WORDS + _CHECKSUM_MODULUS, device=device) % _CHECKSUM_MODULUS + 1
+        _checksum_weights[device] = table
+    offset = position % _CHECKSUM_MODULUS
+    return table[offset:offset + count]
 
 
 def checksum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A position-weighted sum of the tensors' bytes (an int64 on the CPU, computed on the tensors'
-    device): equal bytes give equal checksums on every rank; a difference is caught unless it is
-    contrived."""
-    total, position = torch.zeros((), dtype=torch.int64), 0  # position: in the tensors' joined bytes
+    """A position-weighted sum of the tensors' bytes, read as 4-byte words (a quarter of the
+    products bytes would need) and the last 0-3 bytes of each tensor alone: an int64 on the CPU,
+    computed on the tensors' device. The sums wrap around modulo 2**64, the same on every rank:
+    equal bytes give equal checksums; a difference is caught unless it is contrived."""
+    total, position = torch.zeros((), dtype=torch.int64), 0  # position: in the words and bytes so far
     for tensor in tensors:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        for start in range(0, data.numel(), CHECKSUM_CHUNK_BYTES):
-            piece = data[start:start + CHECKSUM_CHUNK_BYTES].to(torch.int64)
-            weights = (torch.arange(piece.numel(), device=piece.device) + position) % _CHECKSUM_MODULUS + 1
-            total += (piece * weights).sum().cpu()
-            position += piece.numel()
+        whole = data.numel() // 4 * 4
+        words = data[:whole] if data.storage_offset() % 4 == 0 else data[:whole].clone()  # aligned
+        for part in (words.view(torch.int32), data[whole:]):
+            for start in range(0, part.numel(), CHECKSUM_CHUNK_WORDS):
+                piece = part[start:start + CHECKSUM_CHUNK_WORDS].to(torch.int64)
+                total += (piece * _weights(piece.device, position, piece.numel())).sum().cpu()
+                position += piece.numel()
     return total
 
 

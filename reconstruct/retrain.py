@@ -17,6 +17,11 @@ Under torchrun every rank loads the frozen model from the checkpoint itself (no 
 broadcast), takes a contiguous share of each step's windows, and the gradients of the few trainable
 parameters are summed across ranks in one flat buffer per step: `--batch-size` is global, and the
 same command gives the same model on 1 or N ranks up to float rounding. Rank 0 writes.
+
+With --fsdp (a model that does not fit one device) the weights are sharded across the ranks with
+FSDP2 instead: each rank keeps 1/N of every parameter on its device, each block is gathered whole for
+its own forward and backward pass, and FSDP sums the gradients. At the end the model is gathered
+whole on every rank's host for the merge, and rank 0 writes it.
 """
 from __future__ import annotations
 
@@ -165,8 +170,19 @@ class Retrainer:
                 f"{config.model} has no zeros in the linear layers of its blocks: it is not pruned. Prune "
                 "it first (`reconstruct prune`), or pass --allow-dense to retrain it anyway")
         self.model_parameters = parameter_count(self.model)
+        if self.sharded:  # each rank moves only its shards to the device, in prepare_training
+            if self.compute_dtype == torch.float16:
+                raise UnsupportedModelError(
+                    "--fsdp with fp16 weights is not supported (the gradient scaler would see only this "
+                    "rank's shards); use --dtype bf16 or fp32")
+            return
         self.model.to(self.device)
         self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
+
+    @property
+    def sharded(self) -> bool:
+        """--fsdp with several processes (on one process there is nothing to shard)."""
+        return self.config.fsdp and distributed.world_size() > 1
 
     def check_correction_against_model(self) -> None:
         """A trial attachment to a weightless copy of the model: `--params bias` on a model without
@@ -237,13 +253,38 @@ class Retrainer:
         for parameter in self.attachment.trainable:
             parameter.requires_grad_(True)
         self.trainable = sum(p.numel() for p in self.attachment.trainable)
-        self.optimizer = torch.optim.AdamW(self.attachment.trainable, lr=config.learning_rate,
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # What the optimiser updates: the attachment's parameters, or FSDP's shards of them
+        self.trainable_parameters = self.shard() if self.sharded else self.attachment.trainable
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, config.steps, config.warmup)
         self.scaler = (torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None)
-        if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.history = {"step": [], "loss": [], "heldout": [], "tokens_per_s": []}
+
+    def shard(self) -> list[nn.Parameter]:
+        """--fsdp: shard the model (correction attached) across the ranks' devices; return the trainable
+        parameters as FSDP re-registers them (sharded copies), in the attachment's order, so that the
+        optimiser's saved state is laid out as on one process."""
+        names = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
+        trainable = [names[id(p)] for p in self.attachment.trainable]
+        distributed.shard_model(self.model, self.adapter.blocks, self.device)
+        return [self.model.get_parameter(name) for name in trainable]
+
+    def passes(self, windows: torch.Tensor):
+        """This rank's share of `windows` in micro-batches, as (ids, counted) pairs.
+
+        Under --fsdp every rank must run as many passes as the busiest one (each pass gathers every
+        block's weights with collectives): a rank with fewer windows adds passes on windows[:1]
+        whose results are not counted."""
+        size = self.config.micro_batch_size
+        own = distributed.shard(len(windows))
+        passes = [(micro, True) for micro in windows[own.start:own.stop].split(size)]
+        if self.sharded:
+            busiest = math.ceil(math.ceil(len(windows) / distributed.world_size()) / size)
+            passes += [(windows[:1], False)] * (busiest - len(passes))
+        return [(ids.to(self.device), counted) for ids, counted in passes]
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -282,22 +323,22 @@ class Retrainer:
         config = self.config
         batch = self.train_windows[step * config.batch_size:(step + 1) * config.batch_size]
         tokens = batch[:, 1:].numel()  # of the whole batch, on every rank: the loss is one mean
-        own = distributed.shard(len(batch))  # this rank's contiguous share of the windows
-        share = batch[own.start:own.stop]
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in share.split(config.micro_batch_size):
-            ids = micro.to(self.device)
+        for ids, counted in self.passes(batch):  # this rank's contiguous share of the windows
             with autocast_for(self.device, self.compute_dtype):
                 logits = self.model(input_ids=ids, use_cache=False).logits
             loss = next_token_loss_sum(logits, ids)
             if self.teacher is not None:
                 loss = loss + config.distill * distillation_sum(logits, self.teacher_logits(ids))
-            loss = loss / tokens
+            loss = loss / tokens if counted else loss * 0.0  # an uncounted pass adds zero gradients
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
             del logits, loss
-        total = distributed.sum_gradients(self.attachment.trainable, [total])[0]
+        if self.sharded:  # FSDP summed the gradients during backward
+            total = distributed.sum_floats([total], "summing the loss")[0]
+        else:
+            total = distributed.sum_gradients(self.trainable_parameters, [total])[0]
         if not math.isfinite(total):
             saved = self.saved_step()
             raise TrainingError(
@@ -324,11 +365,10 @@ class Retrainer:
         was_training = self.model.training
         self.model.eval()
         total = 0.0
-        own = distributed.shard(len(self.validation))
-        for micro in self.validation[own.start:own.stop].split(self.config.micro_batch_size):
-            ids = micro.to(self.device)
+        for ids, counted in self.passes(self.validation):
             with autocast_for(self.device, self.compute_dtype):
-                total += float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
+                loss = float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
+            total += loss if counted else 0.0
         self.model.train(was_training)
         total = distributed.sum_floats([total], "summing the held-out loss")[0]
         return total / self.validation[:, 1:].numel()
@@ -341,11 +381,13 @@ class Retrainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None})
         distributed.barrier("waiting for every rank to save its random state")
+        # Whole tensors, gathered by every rank under --fsdp: the file one process writes
+        trainable = [distributed.full_tensor(p).detach().cpu() for p in self.trainable_parameters]
+        optimizer = distributed.whole_optimizer_state(self.optimizer)
 
         def save():
-            state = {"step": step, "fingerprint": self.config.fingerprint(),
-                     "trainable": [p.detach().cpu() for p in self.attachment.trainable],
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            state = {"step": step, "fingerprint": self.config.fingerprint(), "trainable": trainable,
+                     "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler else None, "history": self.history}
             self.run_dir.save_torch(TRAINING_STATE, state)
             self.run_dir.save_state({"fingerprint": self.config.fingerprint(), "step": step,
@@ -366,9 +408,9 @@ class Retrainer:
                              "needed) to start over")
         saved = torch.load(self.run_dir.work / TRAINING_STATE, weights_only=True)
         with torch.no_grad():
-            for parameter, value in zip(self.attachment.trainable, saved["trainable"], strict=True):
-                parameter.copy_(value.to(parameter.device))
-        self.optimizer.load_state_dict(saved["optimizer"])
+            for parameter, value in zip(self.trainable_parameters, saved["trainable"], strict=True):
+                parameter.copy_(distributed.shard_like(value.to(parameter.device), parameter))
+        distributed.load_optimizer_state(self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
@@ -397,6 +439,9 @@ class Retrainer:
         with self.attachment.merged_view():
             after = self.heldout_loss()
         merged = math.isfinite(after) and after <= before
+        if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
+            distributed.unshard_model_(self.model, "cpu")
+            self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
         if merged:
             self.attachment.merge()
         else:
@@ -431,7 +476,7 @@ class Retrainer:
         total = sum(math.prod(shape) for shape in shapes.values())
         return {
             "command": "retrain", "model": config.model, "params": config.params,
-            "world_size": distributed.world_size(),
+            "world_size": distributed.world_size(), "fsdp": self.sharded,
             "config": {**vars(config), "lr": config.learning_rate},
             "argv": " ".join(sys.argv), "versions": package_versions(),
             "trainable_params": self.trainable, "model_params": self.model_parameters,

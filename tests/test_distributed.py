@@ -308,23 +308,82 @@ def retrain_args(setup, pruned: Path, out: Path) -> list[str]:
             "--cache-dir", str(root / "cache"), *RETRAIN]
 
 
-def test_retrain_on_two_ranks_gives_the_one_rank_model(setup):
+@pytest.fixture(scope="module")
+def retrain_input(setup) -> Path:
+    return one_rank(setup, setup[0] / "retrain-input", "--method", "magnitude", "--sparsity", "0.6",
+                    "--correction", "none")
+
+
+def compare_to_one_rank(two: Path, one: Path, what: str) -> float:
+    """Assert the same zeros (+0.0) and weights within float tolerance; return max |dw|."""
+    one, two = saved_tensors(one), saved_tensors(two)
+    assert two.keys() == one.keys()
+    largest = max(float((two[k].float() - one[k].float()).abs().max()) for k in two)
+    print(f"{what}: max |dw| = {largest:.3g}")
+    for name in two:
+        assert torch.equal(two[name] == 0, one[name] == 0), f"{name}: zeros differ from 1 rank"
+        assert not torch.signbit(two[name][two[name] == 0]).any(), f"{name}: a -0.0"
+    return largest
+
+
+def test_retrain_on_two_ranks_gives_the_one_rank_model(setup, retrain_input):
     from reconstruct.cli import main
 
     root = setup[0]
-    pruned = one_rank(setup, root / "retrain-input", "--method", "magnitude", "--sparsity", "0.6",
-                      "--correction", "none")
     with one_thread():
-        assert main(retrain_args(setup, pruned, root / "retrain-one")) == 0
-    launched = subprocess.run(torchrun("-m", "reconstruct", *retrain_args(setup, pruned, root / "retrain-two")),
+        assert main(retrain_args(setup, retrain_input, root / "retrain-one")) == 0
+    launched = subprocess.run(torchrun("-m", "reconstruct", *retrain_args(setup, retrain_input, root / "retrain-two")),
                               capture_output=True, text=True, env=environment(), timeout=240)
     assert launched.returncode == 0, launched.stderr[-3000:]
-    one, two = saved_tensors(root / "retrain-one"), saved_tensors(root / "retrain-two")
     report = json.loads((root / "retrain-two" / "report.json").read_text())
-    assert report["world_size"] == 2 and report["merged"]
-    assert two.keys() == one.keys()
-    largest = max(float((two[k].float() - one[k].float()).abs().max()) for k in two)
-    print(f"retrain masklora+norm, 2 ranks vs 1: max |dw| = {largest:.3g}")
-    for name in two:
-        assert torch.equal(two[name] == 0, one[name] == 0), f"{name}: zeros differ from 1 rank"
+    assert report["world_size"] == 2 and report["merged"] and not report["fsdp"]
+    largest = compare_to_one_rank(root / "retrain-two", root / "retrain-one", "retrain masklora+norm, 2 ranks vs 1")
     assert 0 < largest < 1e-5  # float rounding only (the sums are taken in another order)
+
+
+def _saved_step(out: Path) -> int:
+    try:
+        return json.loads((out.with_name(out.name + ".partial") / "state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+# 5 windows per step in passes of 1 and 3 held-out windows: 2 and 3 windows on the two ranks, so
+# rank 0 runs uncounted passes to keep FSDP's collectives in step; 40 steps leave time to stop it.
+FSDP_RETRAIN = ["--steps", "40", "--save-every", "2", "--batch-size", "5", "--grad-accum", "5"]
+
+
+def test_retrain_fsdp_on_two_ranks_gives_the_one_rank_model_and_resumes(setup, retrain_input):
+    """--fsdp: the weights sharded across 2 gloo ranks (FSDP2). Ctrl-C on rank 1 stops both after the
+    same step with a saved state (sharded optimiser moments saved whole); --resume on 2 ranks with
+    --fsdp finishes with the 1-rank zeros and weights within float tolerance."""
+    from reconstruct.cli import main
+
+    root = setup[0]
+    one, out = root / "fsdp-one", root / "fsdp-two"
+    with one_thread():
+        assert main(retrain_args(setup, retrain_input, one) + FSDP_RETRAIN) == 0
+    command = torchrun("-m", "reconstruct", *retrain_args(setup, retrain_input, out), *FSDP_RETRAIN, "--fsdp")
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment(), text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _saved_step(out) < 4:
+            assert launcher.poll() is None, f"the run ended before it could be stopped: {launcher.stderr.read()}"
+            assert time.monotonic() < deadline, "no training state was saved in time"
+            time.sleep(0.01)
+        os.kill(_rank_pids(launcher)[1], signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode != 0 and not out.exists(), stderr[-3000:]
+    stopped_at = _saved_step(out)
+    assert 4 <= stopped_at < 40, stopped_at
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=environment(), timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["fsdp"] and report["merged"]
+    assert len(report["loss_curve"]["loss"]) == 40
+    largest = compare_to_one_rank(out, one, f"retrain --fsdp, 2 ranks (stopped at step {stopped_at}) vs 1")
+    assert largest < 1e-5  # float rounding only

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import is_sharded
+
 
 class CorrectionError(ValueError):
     """A correction that cannot apply to this model (e.g. bias training on a model without biases)."""
@@ -148,9 +150,11 @@ def train_in_fp32(parameters: list[tuple[nn.Module, str]]) -> Attachment:
     def merged(master: nn.Parameter, original: nn.Parameter) -> nn.Parameter:
         return nn.Parameter(master.detach().to(original.dtype), requires_grad=False)
 
+    # The master is read from the module, not kept from here: FSDP (retrain --fsdp) registers its own
+    # sharded copy in its place, and gathers it back into a plain parameter before the merge.
     def merge():
-        for module, leaf, original, master in originals:
-            setattr(module, leaf, merged(master, original))
+        for module, leaf, original, _ in originals:
+            setattr(module, leaf, merged(getattr(module, leaf), original))
 
     def discard():
         for module, leaf, original, _ in originals:
@@ -158,13 +162,27 @@ def train_in_fp32(parameters: list[tuple[nn.Module, str]]) -> Attachment:
 
     @contextmanager
     def merged_view():
-        for module, leaf, original, master in originals:
-            setattr(module, leaf, merged(master, original))
+        swapped, rounded = [], []
+        with torch.no_grad():
+            for module, leaf, original, _ in originals:
+                master = getattr(module, leaf)
+                if is_sharded(master):
+                    # FSDP registers its own gathered parameter at every forward, so a swapped one
+                    # would be ignored: round the master's values to the storage dtype in place
+                    # (the same numbers the merge writes), and restore them afterwards.
+                    rounded.append((master, master.detach().clone()))
+                    master.copy_(master.to(original.dtype).to(master.dtype))
+                else:
+                    setattr(module, leaf, merged(master, original))
+                    swapped.append((module, leaf, master))
         try:
             yield
         finally:
-            for module, leaf, _, master in originals:
+            for module, leaf, master in swapped:
                 setattr(module, leaf, master)
+            with torch.no_grad():
+                for master, values in rounded:
+                    master.copy_(values)
 
     return Attachment(trainable, merge, discard, merged_view)
 
