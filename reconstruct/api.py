@@ -45,8 +45,8 @@ class RunConfig:
     tokenizer: str | None = None         # default: the model's directory
     batch_size: int = 8                  # windows per forward pass (halved on CUDA out-of-memory)
     correction: str = "masklora"
-    rank: int = 16
-    alpha: float = 32.0
+    rank: int = 64                       # rank and target: chosen by docs/sweep-defaults
+    alpha: float | None = None           # None: 2·rank, PERP's scale s = alpha/rank = 2 at any rank
     steps: int = 200
     lr: float = 3e-3                     # chosen by the sweep in docs/benchmarks.md
     weight_decay: float = 0.0
@@ -55,7 +55,7 @@ class RunConfig:
     patience: int = 2                    # checks without improvement before stopping
     fit_batch_size: int = 1              # windows per optimisation step
     granularity: str = "block"
-    target: str = "sparse-inputs"
+    target: str | None = None            # None: dense for block granularity (docs/sweep-defaults), else sparse-inputs
     heldout: float = 0.1                 # fraction of calibration windows held out for the guard
     offload_activations: str = "auto"    # auto | ram | disk
     activation_budget_gb: float | None = None  # auto: disk when the stores would exceed this
@@ -75,6 +75,19 @@ class RunConfig:
         if self.nm_pattern:
             return self.nm_pattern.sparsity
         return 0.5 if self.sparsity is None else float(self.sparsity)
+
+    @property
+    def fit_target(self) -> str:
+        """What a correction fits towards. Unset: the dense model's own activations, the best on both
+        testbeds; sublayer and linear units fit on the dense block's own sub-outputs (sparse-inputs),
+        the only target they support."""
+        if self.target is not None:
+            return self.target
+        return "dense" if self.granularity == "block" else "sparse-inputs"
+
+    @property
+    def lora_alpha(self) -> float:
+        return 2.0 * self.rank if self.alpha is None else float(self.alpha)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -118,14 +131,17 @@ class RunConfig:
             raise ConfigError(f"error_windows must be 0 (no per-layer error report) or more, not {self.error_windows}")
         if self.steps < 0 or self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup <= 1:
             raise ConfigError("fitting needs steps >= 0, lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"--alpha must be positive (the LoRA scale is alpha/rank), not {self.alpha}; "
+                              "leave it out for 2·rank")
         if self.check_every < 0 or self.patience < 1:
             raise ConfigError(f"--check-every must be 0 (off) or a number of steps, and --patience at least 1; "
                               f"got {self.check_every} and {self.patience}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}")
-        if self.target not in TARGETS:
+        if self.target is not None and self.target not in TARGETS:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}")
-        if self.granularity != "block" and self.target != "sparse-inputs":
+        if self.granularity != "block" and self.fit_target != "sparse-inputs":
             raise ConfigError(f"--granularity {self.granularity} supports only --target sparse-inputs")
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")

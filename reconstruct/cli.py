@@ -55,7 +55,8 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--correction", default=d.correction, choices=correction_choices(),
                      help="what is fitted after pruning each block; 'none' prunes only (default: %(default)s)")
     fit.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default: %(default)s)")
-    fit.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; scale s = alpha/r (default: %(default)s)")
+    fit.add_argument("--alpha", type=float, default=d.alpha,
+                     help="LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank)")
     fit.add_argument("--steps", type=int, default=d.steps, help="optimisation steps per unit (default: %(default)s)")
     fit.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
     fit.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
@@ -71,9 +72,10 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
                      help="fit per block, per sublayer (attention, MLP) or per linear (default: %(default)s)")
     fit.add_argument("--target", choices=TARGETS, default=d.target,
-                     help="sparse-inputs: dense block on the pruned model's inputs (PERP); dense: the dense "
-                     "model's own activations; mix: the midpoint of those two; none: dense inputs and targets, "
-                     "no error propagation (default: %(default)s)")
+                     help="dense: the dense model's own activations; sparse-inputs: the dense block on the "
+                     "pruned model's inputs (PERP); mix: the midpoint of those two; none: dense inputs and "
+                     "targets, no error propagation (default: dense for --granularity block, sparse-inputs "
+                     "for sublayer and linear)")
     fit.add_argument("--heldout", type=float, default=d.heldout,
                      help="fraction of windows held out to check that a correction helps (default: %(default)s)")
 

@@ -280,12 +280,12 @@ class Driver:
         # The dense model's own activations travel beside the pruned model's for --target none (the
         # statistics and fit read them) and --target dense or mix with a correction (its targets); a run
         # without a correction has no use for dense targets, and spares their two stores.
-        self.carries_dense_model = config.target == "none" or (config.target in DENSE_TARGET_SHARE and
+        self.carries_dense_model = config.fit_target == "none" or (config.fit_target in DENSE_TARGET_SHARE and
                                                                self.correction is not None)
         self.fit_options = FitOptions(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                                       warmup=config.warmup, check_every=config.check_every,
                                       patience=config.patience,
-                                      correction=CorrectionOptions(rank=config.rank, alpha=config.alpha))
+                                      correction=CorrectionOptions(rank=config.rank, alpha=config.lora_alpha))
         self.batch_size = config.batch_size
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -557,7 +557,7 @@ class Driver:
 
         # 1. Run the dense block: statistics of every linear's inputs, and the dense outputs (targets).
         #    Magnitude pruning without a correction needs neither: no dense pass at all.
-        fit_inputs = dense_inputs if config.target == "none" else inputs
+        fit_inputs = dense_inputs if config.fit_target == "none" else inputs
         needs_targets = self.correction is not None or dense_inputs is not None
         # --masks-from takes the weights and mask from another checkpoint: no statistics are needed.
         needs_statistics = self.method.needs_statistics and not self.pruned_source
@@ -573,11 +573,12 @@ class Driver:
                                                           self.method.needs_input_sums)
                 if dense_inputs is not None:  # the dense model's own activations go on to the next block
                     next_dense = self.stores.create(f"dense-{index + 1:05d}", shape, inputs.dtype)
-                    if config.target == "none":  # the block ran on dense inputs: its outputs are these
+                    if config.fit_target == "none":  # the block ran on dense inputs: its outputs are these
                         next_dense[:] = targets[:]
                     else:
                         replay(block, dense_inputs, call, self.batch_size, self.device, next_dense)
-                        blend_targets(targets, next_dense, DENSE_TARGET_SHARE[config.target], self.batch_size)
+                        blend_targets(targets, next_dense, DENSE_TARGET_SHARE[config.fit_target],
+                                      self.batch_size)
                 if config.granularity != "block" and self.correction:
                     dense_block = copy.deepcopy(block)
                 return_freed_memory()  # the forward pass's small freed tensors, before pruning's peak

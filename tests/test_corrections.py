@@ -295,3 +295,17 @@ def test_mixed_target_is_the_midpoint_of_the_two_targets():
         blend_targets(targets, dense, DENSE_TARGET_SHARE[target], batch_size=2)  # in uneven pieces
         assert torch.allclose(targets[:], expected, atol=1e-7)
         assert torch.equal(dense[:], dense_out)
+
+
+def test_default_target_and_alpha_follow_the_granularity_and_rank():
+    from reconstruct.api import ConfigError, RunConfig
+
+    config = RunConfig(model="m", out="o").validate()
+    assert (config.fit_target, config.rank, config.lora_alpha) == ("dense", 64, 128.0)
+    assert RunConfig(model="m", out="o", granularity="sublayer").validate().fit_target == "sparse-inputs"
+    assert RunConfig(model="m", out="o", rank=4).lora_alpha == 8.0  # the scale stays alpha/rank = 2
+    assert RunConfig(model="m", out="o", rank=4, alpha=4).lora_alpha == 4.0
+    with pytest.raises(ConfigError, match="supports only --target sparse-inputs"):
+        RunConfig(model="m", out="o", granularity="linear", target="dense").validate()
+    with pytest.raises(ConfigError, match="alpha must be positive"):
+        RunConfig(model="m", out="o", alpha=0).validate()
