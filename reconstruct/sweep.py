@@ -68,6 +68,10 @@ DENSE = "dense"  # the method name of a model's unpruned baseline cell
 # when they change (the same list as RunConfig.fingerprint's, plus evaluation's).
 RESOURCE_SETTINGS = frozenset({"device", "batch_size", "offload_activations", "activation_budget_gb",
                                "cache_dir"})
+# Settings of the correction's fit: they change nothing in a cell without a correction (except
+# --target none, which also changes what the pruning statistics are gathered on).
+FITTING_SETTINGS = frozenset({"rank", "alpha", "steps", "lr", "weight_decay", "warmup", "check_every",
+                              "patience", "fit_batch_size", "granularity", "target", "heldout"})
 # Prune settings that the grid itself sets per cell (or the sweep manages): not allowed under `prune:`.
 GRID_OWNED_PRUNE_SETTINGS = frozenset({"model", "out", "method", "sparsity", "pattern", "correction",
                                        "seed", "overwrite", "resume"})
@@ -153,6 +157,9 @@ class Cell:
         if not self.is_dense:
             config = asdict(RunConfig(model=self.model.location, out="", **self.prune_settings))
             prune_settings = {k: v for k, v in config.items() if k not in ("model", "out", "overwrite", "resume")}
+            if config["correction"] == "none":  # a new fitting default leaves prune-only cells valid
+                prune_settings = {k: v for k, v in prune_settings.items()
+                                  if k not in FITTING_SETTINGS or (k == "target" and v == "none")}
         retrain_settings = {}
         if self.retrain_settings:
             config = asdict(RetrainConfig(model="", out="", **self.retrain_settings))

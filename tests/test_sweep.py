@@ -286,3 +286,14 @@ def test_a_prune_command_line_does_not_import_the_sweep(tmp_path):
         for argv in (["-v", "prune", "MODEL", "--out", "OUT"], ["sweep", "--help"])]
     assert prune_line.split() == ["prune", "False"]
     assert "--dry-run" in sweep_help  # the sweep's own arguments
+
+
+def test_prune_only_cells_do_not_record_fitting_settings(tmp_path, files):
+    """A new fitting default (rank, target, steps...) must not make the `none` cells stale."""
+    grid = sweep.load_grid(write_grid(tmp_path, files))
+    cells = {cell.id: cell for cell in grid.cells()}
+    plain = cells["llama-magnitude-0.5-none-seed0"].recorded_settings()["prune"]
+    corrected = cells["llama-magnitude-0.5-masklora-seed0"].recorded_settings()["prune"]
+    assert "rank" not in plain and "steps" not in plain and "target" not in plain
+    assert corrected["rank"] is not None and corrected["steps"] == 2
+    assert plain["sparsity"] == corrected["sparsity"] == 0.5
