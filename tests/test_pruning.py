@@ -163,6 +163,22 @@ def _many_ties(g):
     return [small_integers, zeros, half, nan, torch.rand(40, 64, generator=g)]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_row_selection_is_the_same_on_several_threads(threads):
+    """The rows of a chunk are split across threads for numpy's selection: the same thresholds."""
+    from reconstruct.pruning import base
+
+    scores = torch.rand(37, 64, generator=torch.Generator().manual_seed(threads))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        thresholds = base.kth_lowest(scores, 20)
+    finally:
+        torch.set_num_threads(previous)
+    assert thresholds.shape == (37, 1)
+    assert torch.equal(thresholds, torch.kthvalue(scores, 20, dim=1, keepdim=True).values)
+
+
 @pytest.mark.parametrize("count", [0, 1, 13, 32, 63])
 def test_threshold_selection_equals_topk_with_ties(count):
     """The kthvalue threshold picks exactly the masks top-k picked (the rule masks always followed),

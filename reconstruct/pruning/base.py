@@ -5,6 +5,8 @@ they are given in place where they can: the engine never holds a second copy of 
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,9 +124,25 @@ def kth_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     which also tracks indices; both put NaN last. Any threshold is safe in `keep_all_but_lowest`:
     a row is only accepted when exactly `count` scores are at or below it."""
     if scores.device.type == "cpu":
-        partitioned = np.partition(scores.numpy(), count - 1, axis=1)
-        return torch.from_numpy(np.ascontiguousarray(partitioned[:, count - 1:count]))
+        def select(rows: np.ndarray) -> np.ndarray:
+            return np.partition(rows, count - 1, axis=1)[:, count - 1:count]
+
+        values, threads = scores.numpy(), torch.get_num_threads()
+        if threads > 1 and values.shape[0] >= 2 * threads:  # rows are independent: split them
+            thresholds = np.concatenate(list(_selection_pool(threads).map(select, np.array_split(values, threads))))
+        else:
+            thresholds = select(values)
+        return torch.from_numpy(np.ascontiguousarray(thresholds))
     return torch.kthvalue(scores, count, dim=1, keepdim=True).values
+
+
+@functools.lru_cache(maxsize=None)
+def _selection_pool(threads: int) -> ThreadPoolExecutor:
+    """Threads for numpy's selection, which runs on one core (and releases the GIL): torch's own
+    operations use all of torch's threads, and this lets the selection do the same. One pool per
+    thread count, kept for the process like torch's intra-op pool, not made per call (thousands of
+    calls per model)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="row-selection")
 
 
 def _keep_all_but_lowest_by_topk(scores: torch.Tensor, count: int) -> torch.Tensor:
