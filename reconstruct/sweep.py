@@ -138,7 +138,7 @@ class Cell:
     def label(self) -> str:
         """The correction column of the tables: the prune's correction, then what retrained it."""
         if self.retrain_settings:
-            return f"{self.correction} + retrain {self.retrain_settings['params']}"
+            return chained_label(self.correction, self.retrain_settings["params"])
         return self.correction
 
     @property
@@ -216,6 +216,11 @@ class Grid:
                                     retrain_settings={**self.retrain, "params": params, "seed": seed},
                                     pruned_by=pruned.id))
         return cells
+
+
+def chained_label(correction: str, params: str) -> str:
+    """A chained retrain cell's row in the tables."""
+    return f"{correction} + retrain {params}"
 
 
 def _cell_id(*parts: str) -> str:
@@ -338,16 +343,26 @@ def _parse_bool(value, key: str) -> bool:
 def _prune_settings(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError("`prune:` must be a mapping of prune settings, e.g. {calib: c4, nsamples: 128}")
-    owned = set(raw) & GRID_OWNED_PRUNE_SETTINGS
+    return _checked_prune_settings(raw, "`prune:`", GRID_OWNED_PRUNE_SETTINGS)
+
+
+def _checked_prune_settings(raw: dict, where: str, owned_by_grid: frozenset) -> dict:
+    """Prune settings given in `where` (`prune:` or a correction recipe): none that the grid owns,
+    none unknown, local paths made absolute."""
+    owned = set(raw) & owned_by_grid
     if owned:
-        raise ConfigError(f"prune settings {sorted(owned)} are set by the grid (models, methods, sparsities, "
-                          "corrections, seeds) or by the sweep itself; remove them from `prune:`")
+        raise ConfigError(f"prune settings {sorted(owned)} in {where} are set by the grid (models, methods, "
+                          "sparsities, corrections, seeds) or by the sweep itself; remove them")
     unknown = set(raw) - set(RunConfig.field_names())
     if unknown:
-        raise ConfigError(f"unknown prune settings {sorted(unknown)}; known: "
-                          f"{sorted(set(RunConfig.field_names()) - GRID_OWNED_PRUNE_SETTINGS)}")
-    settings = dict(raw)
-    for key in ("calib", "tokenizer", "cache_dir"):
+        raise ConfigError(f"unknown prune settings {sorted(unknown)} in {where}; known: "
+                          f"{sorted(set(RunConfig.field_names()) - owned_by_grid)}")
+    return _with_local_paths(dict(raw), ("calib", "tokenizer", "cache_dir"))
+
+
+def _with_local_paths(settings: dict, keys: tuple[str, ...]) -> dict:
+    """`settings` with the paths under `keys` that exist made absolute (in place)."""
+    for key in keys:
         if isinstance(settings.get(key), str):
             settings[key] = _local_path_or_name(settings[key])
     return settings
@@ -367,16 +382,8 @@ def _corrections(entries: list) -> dict:
         if "name" not in entry or "correction" not in entry:
             raise ConfigError(f"a corrections entry given as a mapping needs `name` and `correction`: {entry}")
         name = str(entry["name"])
-        settings = {k: v for k, v in entry.items() if k != "name"}
-        owned = set(settings) & (GRID_OWNED_PRUNE_SETTINGS - {"correction"})
-        if owned:
-            raise ConfigError(f"corrections entry {name!r}: {sorted(owned)} are set by the grid or the sweep")
-        unknown = set(settings) - set(RunConfig.field_names())
-        if unknown:
-            raise ConfigError(f"corrections entry {name!r}: unknown prune settings {sorted(unknown)}")
-        for key in ("calib", "tokenizer", "cache_dir"):
-            if isinstance(settings.get(key), str):
-                settings[key] = _local_path_or_name(settings[key])
+        settings = _checked_prune_settings({k: v for k, v in entry.items() if k != "name"},
+                                           f"corrections entry {name!r}", GRID_OWNED_PRUNE_SETTINGS - {"correction"})
         names.append(name)
         recipes[name] = settings
     return {"corrections": names, "correction_settings": recipes}
@@ -398,9 +405,7 @@ def _retrain_settings(raw) -> dict:
     unknown = set(settings) - set(RetrainConfig.field_names())
     if unknown:
         raise ConfigError(f"unknown retrain settings {sorted(unknown)}; known: {sorted(RetrainConfig.field_names())}")
-    for key in ("data", "tokenizer", "cache_dir", "teacher"):
-        if isinstance(settings.get(key), str):
-            settings[key] = _local_path_or_name(settings[key])
+    _with_local_paths(settings, ("data", "tokenizer", "cache_dir", "teacher"))
     return {"retrain": settings, "retrain_params": [str(p) for p in params]}
 
 
@@ -417,10 +422,7 @@ def _eval_settings(raw: dict, prune_settings: dict) -> dict:
     settings.setdefault("device", prune_settings.get("device", default_device()))
     if isinstance(settings.get("tasks"), str):
         settings["tasks"] = [t for t in settings["tasks"].split(",") if t]
-    for key in ("include_path", "cache_dir"):
-        if isinstance(settings.get(key), str):
-            settings[key] = _local_path_or_name(settings[key])
-    return settings
+    return _with_local_paths(settings, ("include_path", "cache_dir"))
 
 
 def _eval_sources(raw: dict) -> list[Named]:
@@ -853,7 +855,7 @@ def _metric_table(rows: list[dict], column: str, grid: Grid) -> list[str]:
     table = ["| method | correction | dense | " + " | ".join(s.label for s in sparsities) + " |",
              "|---|---|---:|" + "---:|" * len(sparsities)]
     labels = [label for correction in grid.corrections
-              for label in [correction, *(f"{correction} + retrain {p}" for p in grid.retrain_params)]]
+              for label in [correction, *(chained_label(correction, p) for p in grid.retrain_params)]]
     for method in grid.methods:
         for correction in labels:
             entries = [_aggregate([row for row in rows if row["method"] == method
