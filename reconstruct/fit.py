@@ -117,10 +117,11 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
         with attachment.merged_view():
             return relative_error(run, target, heldout_batches)
 
-    note = _optimise(attachment.trainable, run, target, train_batches, options, generator, device,
-                     compute_dtype, heldout_now)
+    note, heldout_after = _optimise(attachment.trainable, run, target, train_batches, options, generator,
+                                    device, compute_dtype, heldout_now)
+    if heldout_after is None:  # not measured on the final weights by the held-out checks
+        heldout_after = heldout_now()
     with attachment.merged_view():  # judged as it would be written, before anything is merged
-        heldout_after = relative_error(run, target, heldout_batches)
         error_after = relative_error(run, target, train_sample)
     merged = math.isfinite(heldout_after) and math.isfinite(error_after) and heldout_after <= heldout_before
     if merged:
@@ -137,10 +138,11 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
 
 
 def _optimise(trainable, run, target, train_batches, options, generator, device, compute_dtype,
-              heldout_now: Callable[[], float]) -> str:
-    """The training loop; returns a note (empty when nothing unusual happened)."""
+              heldout_now: Callable[[], float]) -> tuple[str, float | None]:
+    """The training loop; returns a note (empty when nothing unusual happened) and, when held-out
+    checks ran, the held-out error of the weights it leaves (None: not measured)."""
     if not trainable or options.steps <= 0:
-        return "nothing to train"
+        return "nothing to train", None
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = linear_schedule(optimizer, options.steps, options.warmup)
     best = BestState(trainable, options.patience)
@@ -168,13 +170,13 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
             loss = share.item()
         loss = distributed.sum_gradients(trainable, [loss])[0]
         if not math.isfinite(loss):
-            return f"stopped at step {step}: loss is not finite"
+            return f"stopped at step {step}: loss is not finite", None
         optimizer.step()
         scheduler.step()
         if options.check_every and (step + 1) % options.check_every == 0 and step + 1 < options.steps:
             if best.stop_after(heldout_now()):
                 return best.restore(heldout_now(), f"stopped early at step {step + 1}")
-    return best.restore(heldout_now(), "") if best.checked else ""
+    return best.restore(heldout_now(), "") if best.checked else ("", None)
 
 
 class BestState:
@@ -195,11 +197,12 @@ class BestState:
             self.since_best += 1
         return self.since_best >= self.patience
 
-    def restore(self, final_error: float, note: str) -> str:
-        """Go back to the best checked state if it beats the final one; returns the note."""
+    def restore(self, final_error: float, note: str) -> tuple[str, float]:
+        """Go back to the best checked state if it beats the final one; returns the note and the
+        held-out error of the state kept."""
         if self.saved is None or not self.error < final_error:
-            return note
+            return note, final_error
         with torch.no_grad():
             for parameter, saved in zip(self.trainable, self.saved):
                 parameter.copy_(saved)
-        return f"{note}; kept the state of the best held-out check".lstrip("; ")
+        return f"{note}; kept the state of the best held-out check".lstrip("; "), self.error

@@ -40,8 +40,9 @@ class DSnoT(PruningMethod):
         mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device) if return_mask else None
         for rows in row_chunks(weight):  # rows are independent
             values = weight[rows].to(torch.float32)
-            kept = row_mask(values.abs() * norms, sparsity, None)  # Wanda's mask to start from
-            kept = refine_rows(values, kept, values.abs() * norms, values * means, variances)
+            wanda_scores = values.abs() * norms
+            kept = row_mask(wanda_scores, sparsity, None)  # Wanda's mask to start from
+            kept = refine_rows(values, kept, wanda_scores, values * means, variances)
             weight[rows].masked_fill_(~kept, 0)
             if mask is not None:
                 mask[rows] = kept
