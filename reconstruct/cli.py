@@ -236,11 +236,16 @@ def _available_extra_commands():
     return {name: spec for name, spec in _EXTRA_COMMANDS.items() if importlib.util.find_spec(spec[0])}
 
 
+def _settings(args, config_class) -> dict:
+    """The command line's values for the fields of `config_class` (RunConfig, RetrainConfig), except
+    the model and output that are passed on their own."""
+    return {k: v for k, v in vars(args).items() if k in config_class.field_names() and k not in ("model", "out")}
+
+
 def run_prune(args, startup_s: float = 0.0) -> int:
     from .api import prune
 
-    settings = {k: v for k, v in vars(args).items() if k in RunConfig.field_names() and k not in ("model", "out")}
-    report = prune(args.model, args.out, startup_s=startup_s, **settings)
+    report = prune(args.model, args.out, startup_s=startup_s, **_settings(args, RunConfig))
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all
         return 0
     totals = report["totals"]
@@ -253,9 +258,7 @@ def run_prune(args, startup_s: float = 0.0) -> int:
 def run_retrain(args) -> int:
     from .api import retrain
 
-    settings = {k: v for k, v in vars(args).items()
-                if k in RetrainConfig.field_names() and k not in ("model", "out")}
-    report = retrain(args.model, args.out, **settings)
+    report = retrain(args.model, args.out, **_settings(args, RetrainConfig))
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all
         return 0
     totals = report["totals"]

@@ -50,6 +50,14 @@ def sample_text(tmp_path_factory) -> Path:
     return write_sample_text(tmp_path_factory.mktemp("calib") / "sample.txt")
 
 
+def model_and_text(root: Path, blocks: int) -> tuple[Path, Path, Path]:
+    """(root, a tiny LLaMA of `blocks` blocks saved under it, calibration text beside it): what the
+    tests that launch `reconstruct` as a separate process start from."""
+    from reconstruct.tiny import save_tiny_model, write_sample_text
+
+    return root, save_tiny_model(root / "model", "llama", num_hidden_layers=blocks), write_sample_text(root / "calib.txt")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """`tiny_checkpoint(model_type, **overrides)`: a saved tiny model directory, built once per key."""

@@ -28,9 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import saved_tensors, wait_until_locked
+from conftest import model_and_text, saved_tensors, wait_until_locked
 from distributed_worker import NSAMPLES, PRUNE_RUNS, SEQLEN
-from reconstruct.tiny import save_tiny_model, write_sample_text
 
 BLOCKS = 3
 TESTS = Path(__file__).parent
@@ -40,10 +39,7 @@ MASKLORA = ["--method", "wanda", "--correction", "masklora", "--rank", "4", "--s
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    model = save_tiny_model(root / "model", "llama", num_hidden_layers=BLOCKS)
-    text = write_sample_text(root / "calib.txt")
-    return root, model, text
+    return model_and_text(tmp_path_factory.mktemp("distributed"), BLOCKS)
 
 
 def environment(**extra) -> dict:

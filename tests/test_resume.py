@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from reconstruct.tiny import save_tiny_model, write_sample_text
+from conftest import model_and_text
 
 BLOCKS = 4
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    model = save_tiny_model(root / "model", "llama", num_hidden_layers=BLOCKS)
-    text = write_sample_text(root / "calib.txt")
-    return root, model, text
+    return model_and_text(tmp_path_factory.mktemp("resume"), BLOCKS)
 
 
 def command(setup, out: Path, *extra: str) -> list[str]:
