@@ -651,9 +651,8 @@ class Driver:
     def correct(self, index, block, dense_block, masks, fit_inputs, targets, call) -> list[FitReport]:
         """Fit the correction on each unit of the block (the block itself by default)."""
         config = self.config
-        heldout = config.heldout_windows
-        train_windows = list(range(heldout, self.total_windows))
-        heldout_windows = list(range(heldout))
+        heldout_windows = spread_positions(self.total_windows, config.heldout_windows)
+        train_windows = sorted(set(range(self.total_windows)) - set(heldout_windows))
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
         reports = []
         for unit_name in fitting_units(block, config.granularity, masks):
@@ -817,6 +816,17 @@ def attach_point(block: nn.Module, unit_name: str, masks: dict[str, torch.Tensor
         return (block.get_submodule(parent_name) if parent_name else block), {child: masks[unit_name]}
     prefix = unit_name + "."
     return block.get_submodule(unit_name), {n[len(prefix):]: m for n, m in masks.items() if n.startswith(prefix)}
+
+
+def spread_positions(total: int, count: int) -> list[int]:
+    """`count` of the window numbers 0..total-1, evenly spaced (the held-out windows).
+
+    Evenly spaced rather than the first ones: each rank holds a contiguous share of the windows, so
+    the held-out evaluations and the training windows are then divided evenly between the ranks; the
+    first windows would all be rank 0's, which would evaluate alone while the others wait, and would
+    have fewer training windows than the others at every step. The choice does not depend on the
+    number of ranks, so the result does not either."""
+    return [i * total // count for i in range(count)]
 
 
 def _spread(items: list[int], size: int) -> list[list[int]]:

@@ -147,6 +147,7 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
     scheduler = linear_schedule(optimizer, options.steps, options.warmup)
     best = BestState(trainable, options.patience)
     order: list[int] = []
+    values_of: dict[int, float] = {}  # the number of output values of each batch, on all ranks
     for step in range(options.steps):
         if not order:  # a fresh seeded shuffle of the training batches each epoch
             order = [train_batches[i] for i in torch.randperm(len(train_batches), generator=generator)]
@@ -161,7 +162,10 @@ def _optimise(trainable, run, target, train_batches, options, generator, device,
         # The loss is the mean squared error over the whole batch, wherever its windows are: each
         # rank's sum of squares divided by the number of values on all ranks (on one process this
         # is mse_loss's mean, with the same gradients bit for bit).
-        values = distributed.sum_floats([0 if wanted is None else wanted.numel()], "counting a batch")[0]
+        if batch not in values_of:  # a batch's size is the same at every epoch: counted once
+            values_of[batch] = distributed.sum_floats([0 if wanted is None else wanted.numel()],
+                                                      "counting a batch")[0]
+        values = values_of[batch]
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
         if output is not None:

@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Benchmark: the same prune + MaskLoRA command on 1 process and on N ranks (torchrun, gloo, CPU).
+"""Benchmark: the same prune + MaskLoRA command, then the same retrain command, on 1 process and on
+N ranks (torchrun, gloo, CPU), in one run.
 
 Each run is a fresh process (or torchrun launch) with OMP_NUM_THREADS=1 per process, so N ranks use
-N cores. Reports the wall time of each, the ratio, each rank's peak host memory (sampled RSS), the
-per-block split (pruning vs fitting, from report.json), and checks that the N-rank checkpoint has
-the 1-rank zeros with weights within float tolerance (max |Δw|).
+N cores. For prune it reports the wall time of each, the ratio, each rank's peak host memory (sampled
+RSS), the per-block split (pruning vs fitting, from report.json), and checks that the N-rank
+checkpoint has the 1-rank zeros with weights within float tolerance (max |Δw|). For retrain
+(MaskLoRA on the 1-process pruned checkpoint, `--retrain-steps` steps of `--fit-batch-size`
+windows) it reports the training tokens/s of each (report.json's `tokens_per_s`: the median step's, which excludes
+start-up and the held-out evaluations), their ratio, the peak memory, and the same comparison.
 
 Without --model it builds bench_prune.py's reference model (a random LLaMA of 8.5 M parameters:
 hidden 256, 8 blocks, MLP 688).
 
     python scripts/bench_distributed.py                       # 1 vs 2 ranks, the defaults below
     python scripts/bench_distributed.py --ranks 4 --steps 100 --fit-batch-size 16
+    python scripts/bench_distributed.py --retrain-steps 0          # prune only
 """
 from __future__ import annotations
 
@@ -64,6 +69,19 @@ def block_split(out: Path) -> tuple[float, float]:
     return total - fit, fit
 
 
+def compare(one_out: Path, many_out: Path) -> tuple[float, bool]:
+    """The largest |Δw| between two checkpoints, and whether their zeros are the same."""
+    from safetensors.torch import load_file
+
+    largest, same_zeros = 0.0, True
+    for shard in sorted(one_out.glob("model-*.safetensors")):
+        one, many = load_file(str(shard)), load_file(str(many_out / shard.name))
+        for name, tensor in one.items():
+            largest = max(largest, float((tensor.float() - many[name].float()).abs().max()))
+            same_zeros &= bool(((tensor == 0) == (many[name] == 0)).all())
+    return largest, same_zeros
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint (default: the 8.5 M reference LLaMA)")
@@ -74,6 +92,7 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--fit-batch-size", type=int, default=8, help="global: windows per step on all ranks")
+    parser.add_argument("--retrain-steps", type=int, default=12, help="retrain steps (0: prune only)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
 
@@ -100,15 +119,7 @@ def main() -> int:
                                         "--nproc_per_node", str(args.ranks), "-m", "reconstruct",
                                         *prune_args(many_out)], environment)
 
-    from safetensors.torch import load_file
-
-    largest, same_zeros = 0.0, True
-    for shard in sorted(one_out.glob("model-*.safetensors")):
-        one, many = load_file(str(shard)), load_file(str(many_out / shard.name))
-        for name, tensor in one.items():
-            largest = max(largest, float((tensor.float() - many[name].float()).abs().max()))
-            same_zeros &= bool(((tensor == 0) == (many[name] == 0)).all())
-
+    largest, same_zeros = compare(one_out, many_out)
     one_prune, one_fit = block_split(one_out)
     many_prune, many_fit = block_split(many_out)
     gib = 2**30
@@ -123,7 +134,35 @@ def main() -> int:
     print(f"wall-time ratio {many_time / one_time:.2f}; busiest rank's CPU time / 1 process's "
           f"{many_cpu[0] / one_cpu[0]:.2f}; fitting ratio {many_fit / one_fit:.2f}; same zeros: {same_zeros}; "
           f"max |dw| = {largest:.3g}")
+    if args.retrain_steps:
+        bench_retrain(args, one_out, calib, workdir, environment)
     return 0
+
+
+def bench_retrain(args, pruned: Path, calib: Path, workdir: Path, environment: dict) -> None:
+    """The same `retrain` command (MaskLoRA) on 1 process and on N ranks: training tokens/s."""
+    def retrain_args(out: Path) -> list[str]:
+        return ["retrain", str(pruned), "--out", str(out), "--params", "masklora", "--data", str(calib),
+                "--steps", str(args.retrain_steps), "--batch-size", str(args.fit_batch_size),
+                "--seqlen", str(args.seqlen), "--eval-windows", "2", "--save-every", "0", "--device", "cpu",
+                "--overwrite", "--cache-dir", str(workdir / "tokens")]
+
+    subprocess.run([sys.executable, "-m", "reconstruct", *retrain_args(workdir / "retrain-warm-up"), "--steps", "1"],
+                   env=environment, check=True, capture_output=True)  # fills the token cache
+    one_out, many_out = workdir / "retrain-one-rank", workdir / f"retrain-{args.ranks}-ranks"
+    one_time, one_peaks, _ = measure([sys.executable, "-m", "reconstruct", *retrain_args(one_out)], environment)
+    many_time, many_peaks, _ = measure([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node", str(args.ranks), "-m", "reconstruct",
+                                        *retrain_args(many_out)], environment)
+    one_rate = json.loads((one_out / "report.json").read_text())["totals"]["tokens_per_s"]
+    many_rate = json.loads((many_out / "report.json").read_text())["totals"]["tokens_per_s"]
+    largest, same_zeros = compare(one_out, many_out)
+    gib = 2**30
+    print(f"retrain masklora, {args.retrain_steps} steps of {args.fit_batch_size} windows x {args.seqlen} tokens")
+    print(f"1 process : {one_rate:8.0f} tokens/s ({one_time:.1f} s wall); peak RSS {one_peaks[0] / gib:.2f} GiB")
+    print(f"{args.ranks} ranks   : {many_rate:8.0f} tokens/s ({many_time:.1f} s wall); peak RSS per rank "
+          + ", ".join(f"{p / gib:.2f}" for p in many_peaks[:args.ranks]) + " GiB")
+    print(f"tokens/s ratio {many_rate / one_rate:.2f}; same zeros: {same_zeros}; max |dw| = {largest:.3g}")
 
 
 if __name__ == "__main__":

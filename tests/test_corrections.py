@@ -150,8 +150,10 @@ def _assert_exact_row_sparsity(directory, sparsity):
 
 def test_fitted_blocks_beat_the_uncorrected_ones(tiny_checkpoint, prune_tiny, tmp_path):
     model_dir = tiny_checkpoint("llama", hidden_size=64, intermediate_size=128)
+    # 32 windows, so that 4 are held out: with 2 of 32 tokens the held-out error is too noisy a
+    # measure for a 10% margin (moving them from windows 0, 1 to 0, 8 took block 1 from under 0.9 to 0.97).
     report = prune_tiny(model_dir, tmp_path / "fit", sparsity=0.7, correction="masklora", steps=50, lr=3e-3,
-                        rank=8, nsamples=16)
+                        rank=8, nsamples=32)
     assert len(report["blocks"]) == 2
     for block in report["blocks"]:
         assert block["merged"] is True, block
