@@ -41,7 +41,7 @@ from .memory import default_activation_budget, limit_heap_fragmentation, peak_rs
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from .prefetch import BlockPrefetcher
 from .pruning import METHODS, PruningError, PruningMethod
-from .pruning.base import row_chunks
+from .pruning.base import keep_only, row_chunks
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
 from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
@@ -120,10 +120,10 @@ def take_pruned_weights(linears: dict[str, nn.Linear], source: ModelAdapter, blo
     updated weights included), and its zeros are the mask; a −0.0 there is written as +0.0."""
     masks = {}
     for name, linear in linears.items():
-        weight = source.checkpoint.get(source.checkpoint_name(f"{block_name}.{name}.weight"))
+        weight = source.checkpoint.read(source.checkpoint_name(f"{block_name}.{name}.weight"))
         weight = weight.to(linear.weight.device, linear.weight.dtype)
         kept = weight != 0
-        linear.weight.data = weight.masked_fill_(~kept, 0.0)
+        linear.weight.data = keep_only(weight, kept)
         if keep_masks:
             masks[name] = kept
     return masks, {}

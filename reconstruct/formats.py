@@ -115,6 +115,9 @@ class TorchBinReader(CheckpointReader):
     def get(self, name: str) -> torch.Tensor:
         return self._tensor(name).clone()  # a private copy: the mapped pages are never written
 
+    def read(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._tensor(name)[start:stop].clone()
 
@@ -172,6 +175,9 @@ class BitmaskDecoder:
         if name not in self.compressed:
             return self.base.get(name)
         return self.get_rows(name, 0, self._shape(name)[0])
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.base.read(name) if name not in self.compressed else self.get(name)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name not in self.compressed:

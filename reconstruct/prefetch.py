@@ -3,9 +3,8 @@
 The driver asks for block i+1 as soon as block i is loaded; block i+1's tensors are then read while
 block i is observed, pruned, fitted and replayed, and its `load` phase only assigns them. On CUDA the
 tensors are copied into pinned (page-locked) host memory, from which the copy to the device is a
-direct transfer that does not block the host. On the CPU they are copied out of the memory-mapped
-shard, so that the disk is read in the thread and not by the first forward pass that touches the
-pages.
+direct transfer that does not block the host. On the CPU the disk is read in the thread, into the
+block's own memory.
 
 The cost is one more block's weights in host memory while they wait, which is why `--prefetch auto`
 turns it on only for an accelerator: on the CPU host memory is the limit (docs/memory.md).
@@ -53,7 +52,7 @@ class BlockPrefetcher:
         self.close()
 
     def _read(self, read: Callable[[], Tensors]) -> Tensors:
-        # Both copies force the read now: a tensor from the checkpoint is a view of the memory map.
+        # The reader reads the files now, into memory of the block's own (CheckpointReader.read).
         if self.pin_memory:
             return {name: tensor.pin_memory() for name, tensor in read().items()}
-        return {name: tensor.clone() for name, tensor in read().items()}
+        return read()

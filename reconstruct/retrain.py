@@ -48,6 +48,7 @@ from .fit import autocast_for, linear_schedule
 from .lock import run_lock
 from .memory import peak_rss_bytes
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
+from .pruning.base import keep_only
 from .writer import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int
     with torch.no_grad():
         for name, mask in masks.items():
             weight = model.get_submodule(name).weight
-            weight.masked_fill_(~mask, 0.0)
+            keep_only(weight, mask)
             lost = mask & (weight == 0)
             rounded += int(lost.sum())
             weight.masked_fill_(lost, torch.finfo(weight.dtype).tiny)

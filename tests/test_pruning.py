@@ -165,18 +165,38 @@ def _many_ties(g):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_row_selection_is_the_same_on_several_threads(threads):
-    """The rows of a chunk are split across threads for numpy's selection: the same thresholds."""
+    """The rows of a chunk are split across threads for numpy's selection: the same masks and counts."""
     from reconstruct.pruning import base
 
     scores = torch.rand(37, 64, generator=torch.Generator().manual_seed(threads))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        thresholds = base.kth_lowest(scores, 20)
+        keep, kept = base.keep_above_kth_lowest(scores, 20)
     finally:
         torch.set_num_threads(previous)
-    assert thresholds.shape == (37, 1)
-    assert torch.equal(thresholds, torch.kthvalue(scores, 20, dim=1, keepdim=True).values)
+    reference = scores > torch.kthvalue(scores, 20, dim=1, keepdim=True).values
+    assert torch.equal(keep, reference)
+    assert torch.equal(kept, reference.sum(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_keep_only_writes_the_bytes_of_masked_fill(dtype):
+    """Zeroing through the weights' integer bits gives masked_fill_'s bytes: +0.0 where pruned (also
+    for negative weights, NaN and inf), every kept value untouched, NaN included."""
+    from reconstruct.pruning.base import keep_only
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, generator=g).to(dtype)
+    weight[0, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, float("inf")]).to(dtype)
+    weight[1, :4] = weight[0, :4]
+    keep = torch.rand(16, 32, generator=g) > 0.5
+    keep[0, :4], keep[1, :4] = False, True
+    integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+    expected = weight.clone().masked_fill_(~keep, 0)
+    result = keep_only(weight.clone(), keep)
+    assert torch.equal(result.view(integer), expected.view(integer))
+    assert (result[~keep].view(integer) == 0).all()  # +0.0, never -0.0
 
 
 @pytest.mark.parametrize("count", [0, 1, 13, 32, 63])

@@ -103,37 +103,40 @@ def lowest_per_group(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
 def keep_all_but_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Keep-mask of a 2-D `scores`: False at the `count` lowest scores of every row.
 
-    The count-th lowest score of each row (`kth_lowest`, a selection without sorting and without
-    int64 indices) is a threshold: a row loses exactly the scores at or below it. That choice is the
-    only one unless scores tie at the threshold (more than `count` at or below it, or NaN); those
-    rows, rare with real weights, are decided by `topk`, the rule every mask was chosen by before:
-    masks are identical to top-k's, ties included."""
+    The count-th lowest score of each row (a selection without sorting and without int64 indices)
+    is a threshold: a row loses exactly the scores at or below it. That choice is the only one
+    unless scores tie at the threshold (more than `count` at or below it, or NaN); those rows, rare
+    with real weights, are decided by `topk`, the rule every mask was chosen by before: masks are
+    identical to top-k's, ties included."""
     if count == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    keep = scores > kth_lowest(scores, count)
-    tied_rows = (keep.sum(dim=1) != scores.shape[1] - count).nonzero().flatten()
+    keep, kept = keep_above_kth_lowest(scores, count)
+    tied_rows = (kept != scores.shape[1] - count).nonzero().flatten()
     if tied_rows.numel():
         keep[tied_rows] = _keep_all_but_lowest_by_topk(scores[tied_rows], count)
     return keep
 
 
-def kth_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """The count-th lowest score of each row of a 2-D `scores`, as a column [rows, 1].
+def keep_above_kth_lowest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores > t` for t the count-th lowest score of each row, and how many that keeps per row.
 
     On the CPU numpy's introselect (`np.partition`) is about twice as fast as `torch.kthvalue`,
-    which also tracks indices; both put NaN last. Any threshold is safe in `keep_all_but_lowest`:
-    a row is only accepted when exactly `count` scores are at or below it."""
+    which also tracks indices; both put NaN last. numpy runs on one core and releases the GIL, so
+    the rows are split across threads, each selecting, comparing and counting its rows."""
     if scores.device.type == "cpu":
-        def select(rows: np.ndarray) -> np.ndarray:
-            return np.partition(rows, count - 1, axis=1)[:, count - 1:count]
+        def select(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            keep = rows > np.partition(rows, count - 1, axis=1)[:, count - 1:count]
+            return keep, keep.view(np.uint8).sum(axis=1, dtype=np.int64)
 
         values, threads = scores.numpy(), torch.get_num_threads()
         if threads > 1 and values.shape[0] >= 2 * threads:  # rows are independent: split them
-            thresholds = np.concatenate(list(_selection_pool(threads).map(select, np.array_split(values, threads))))
+            parts = list(_selection_pool(threads).map(select, np.array_split(values, threads)))
+            keep, kept = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         else:
-            thresholds = select(values)
-        return torch.from_numpy(np.ascontiguousarray(thresholds))
-    return torch.kthvalue(scores, count, dim=1, keepdim=True).values
+            keep, kept = select(values)
+        return torch.from_numpy(keep), torch.from_numpy(kept)
+    keep = scores > torch.kthvalue(scores, count, dim=1, keepdim=True).values
+    return keep, keep.sum(dim=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +162,25 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero `weight` where `mask` is False, in place and a chunk of rows at a time (multiplying by
     the whole mask would first convert it to the weight's dtype: a temporary the weight's size)."""
     for rows in row_chunks(weight):
-        weight[rows].masked_fill_(~mask[rows], 0)
+        keep_only(weight[rows], mask[rows])
+    return weight
+
+
+# Integer types of each element size, to zero floating-point weights through their bits.
+_SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep_only(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero `weight` where `keep` is False, in place: the same bytes as `masked_fill_(~keep, 0)`.
+
+    The weight's bits, seen as integers, are multiplied by the bool mask: 0 is +0.0, and a kept
+    weight is untouched bit for bit (NaN included). On the CPU this was about 40 times faster than
+    `masked_fill_` on bf16 weights (0.024 against 0.9 ms per 262 k weights, one thread), which has
+    no fast path for that dtype."""
+    integer = _SAME_SIZE_INTEGER.get(weight.element_size()) if weight.is_floating_point() else None
+    if integer is None:
+        return weight.masked_fill_(~keep, 0)
+    weight.view(integer).mul_(keep)
     return weight
 
 

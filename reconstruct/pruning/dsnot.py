@@ -19,7 +19,7 @@ small testbed models they did, doubling the perplexity.
 import torch
 
 from . import register
-from .base import PruneResult, PruningError, PruningMethod, row_chunks, row_mask
+from .base import PruneResult, PruningError, PruningMethod, keep_only, row_chunks, row_mask
 
 CYCLES_PER_INPUT = 50 / 4096  # the paper's 50 swap cycles, for rows of LLaMA-7B's 4096 inputs
 VARIANCE_POWER = 1.0     # growing score: contribution / variance^power (the paper's default 1)
@@ -43,7 +43,7 @@ class DSnoT(PruningMethod):
             wanda_scores = values.abs() * norms
             kept = row_mask(wanda_scores, sparsity, None)  # Wanda's mask to start from
             kept = refine_rows(values, kept, wanda_scores, values * means, variances)
-            weight[rows].masked_fill_(~kept, 0)
+            keep_only(weight[rows], kept)
             if mask is not None:
                 mask[rows] = kept
         return PruneResult(mask, weight)

@@ -5,7 +5,7 @@ No weight update. With N:M, the M−N lowest of every M consecutive inputs in a 
 import torch
 
 from . import register
-from .base import PruneResult, PruningMethod, row_chunks, row_mask
+from .base import PruneResult, PruningMethod, keep_only, row_chunks, row_mask
 
 
 @register
@@ -20,7 +20,7 @@ class Wanda(PruningMethod):
             # |W|·‖X‖ computed in steps, without two more temporaries of the chunk's size.
             scores = weight[rows].to(torch.float32, copy=True).abs_().mul_(norms)
             kept = row_mask(scores, sparsity, pattern)
-            weight[rows].masked_fill_(~kept, 0)
+            keep_only(weight[rows], kept)
             if mask is not None:
                 mask[rows] = kept
         return PruneResult(mask, weight)
