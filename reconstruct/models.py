@@ -166,10 +166,13 @@ class CheckpointReader:
                 with open(shard, "rb") as handle:
                     length = struct.unpack("<Q", handle.read(8))[0]
                     header = json.loads(handle.read(length))
-                self._offsets[shard] = {key: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+                data = 8 + length  # the tensors' bytes follow the header; offsets count from there
+                self._offsets[shard] = {key: (data + entry["data_offsets"][0], data + entry["data_offsets"][1])
                                         for key, entry in header.items() if key != "__metadata__"}
             except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
                 raise self._damaged(name, shard, error) from error
+        if name not in self._offsets[shard]:
+            raise self._damaged(name, shard, KeyError("the shard's header does not list it"))
         start, stop = self._offsets[shard][name]
         return shard, start, stop
 

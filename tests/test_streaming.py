@@ -689,3 +689,27 @@ def test_zero_count_counts_both_zeros_in_row_chunks(monkeypatch):
         weight[weight.abs() < 0.6] = 0
         weight[0, :5] = -0.0
         assert driver_module.zero_count(weight) == int((weight == 0).sum()), dtype
+
+
+def test_read_gives_the_stored_bytes_in_memory_of_its_own(tmp_path):
+    """CheckpointReader.read (a block's weights) reads each tensor at the offsets of the shard's
+    header: the bytes `get`'s memory-mapped view shows, for every dtype and shape, and writing into
+    the result leaves the file untouched."""
+    from safetensors.torch import save_file
+
+    from reconstruct.models import CheckpointReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(5, 7, generator=g), "b.weight": torch.randn(3, 4, generator=g).bfloat16(),
+               "c.bias": torch.randn(6, generator=g).half(), "d.ids": torch.arange(9),
+               "e.flag": torch.tensor([True, False]), "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    before = (tmp_path / "model.safetensors").read_bytes()
+    reader = CheckpointReader(tmp_path)
+    for name, tensor in tensors.items():
+        read = reader.read(name)
+        assert read.dtype == tensor.dtype and read.shape == tensor.shape, name
+        assert torch.equal(read.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+        assert torch.equal(read, reader.get(name)), name
+        read.zero_()
+    assert (tmp_path / "model.safetensors").read_bytes() == before
