@@ -45,7 +45,7 @@ from .pruning.base import keep_only, row_chunks
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
 from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
-from .writer import RunDirectory
+from .writer import BackgroundWrite, RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -608,8 +608,13 @@ class Driver:
         # 4. Re-run the repaired block: its outputs feed the next block. Inputs held in RAM are
         #    overwritten window by window, saving a store's memory: their durable copy is the file
         #    written after the previous block. Inputs on disk are that file, the resume point, and
-        #    are left untouched.
-        with clock.phase("replay"):
+        #    are left untouched. The block's weights are final: rank 0 writes its shard meanwhile.
+        shard = self.run_dir.shard_name(index, adapter.num_blocks + 1)
+
+        def write_shard():
+            self.run_dir.save_shard(shard, adapter.module_tensors(name))
+
+        with clock.phase("replay"), BackgroundWrite(write_shard, enabled=distributed.is_main()) as shard_written:
             next_inputs = (inputs if not inputs.on_disk
                            else self.stores.create(f"inputs-{index + 1:05d}", shape, inputs.dtype))
             # Dense weights for the error report: small pieces on the CPU (host memory is the limit
@@ -622,14 +627,12 @@ class Driver:
                        self.own_windows.start)
             meter.sum_across_ranks()
 
-        # 5. Write the block, record the resume point, free everything of this block.
+        # 5. Finish writing the block, record the resume point, free everything of this block.
         with clock.phase("write"):
             state["layers"].extend(self.layer_entries(index, linears, meter, notes))
             entry = self.block_entry(index, fit_reports)
             state["blocks"].append(entry)
-            shard = self.run_dir.shard_name(index, adapter.num_blocks + 1)
-            distributed.on_main(lambda: self.run_dir.save_shard(shard, adapter.module_tensors(name)),
-                                f"writing block {index}")
+            distributed.on_main(shard_written.result, f"writing block {index}")
             adapter.release(block)
             state["shards"].insert(index, shard)
             old_inputs, old_dense = state["inputs"], state["dense_inputs"]

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -100,6 +101,42 @@ def write_safetensors(path: Path, tensors: dict[str, "torch.Tensor | StreamedTen
 
 def write_json(path: Path, data) -> None:
     _atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+class BackgroundWrite:
+    """Runs `write` in a thread while the caller computes (rank 0 writing a finished block's shard
+    during the block's replay); `result()` waits for it and raises its error, if any.
+
+    Used as a context manager: leaving the `with` by an exception also waits for the thread (without
+    raising its error over the one in flight), so nothing goes on being written behind the caller.
+    `enabled=False` does nothing (the ranks that do not write)."""
+
+    def __init__(self, write: Callable[[], None], enabled: bool = True):
+        self._error: BaseException | None = None
+        self._thread = None
+        if enabled:
+            self._thread = threading.Thread(target=self._run, args=(write,), name="reconstruct-writer")
+            self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as error:  # noqa: BLE001 - raised in the caller's thread by result()
+            self._error = error
+
+    def result(self) -> None:
+        if self._thread:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "BackgroundWrite":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self._thread:
+            self._thread.join()
 
 
 class RunDirectory:

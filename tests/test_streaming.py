@@ -713,3 +713,35 @@ def test_read_gives_the_stored_bytes_in_memory_of_its_own(tmp_path):
         assert torch.equal(read, reader.get(name)), name
         read.zero_()
     assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_background_write_raises_in_the_caller_and_is_waited_for():
+    """A shard written in a thread during the replay: its error is raised by result(), in the
+    caller's thread; leaving the `with` by an exception waits for the thread first."""
+    import threading
+    import time
+
+    from reconstruct.writer import BackgroundWrite
+
+    def fail():
+        raise enospc()
+
+    failing = BackgroundWrite(fail)
+    with pytest.raises(OSError) as caught:
+        failing.result()
+    assert caught.value.errno == errno.ENOSPC
+
+    finished = threading.Event()
+
+    def slow():
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(KeyError):
+        with BackgroundWrite(slow):
+            raise KeyError("the replay failed")
+    assert finished.is_set()  # not still writing behind the caller
+
+    called = []
+    BackgroundWrite(lambda: called.append(1), enabled=False).result()
+    assert called == []
