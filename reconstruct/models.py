@@ -84,6 +84,19 @@ def resolve_checkpoint_dir(model: str | os.PathLike) -> Path:
         ) from error
 
 
+def read_into(handle, target: memoryview) -> int:
+    """Fill `target` from a binary file's current position; returns the bytes read (fewer only at
+    the end of the file). One `readinto` may return less than asked: Linux reads at most about
+    2 GiB per call, and any read may be short."""
+    done = 0
+    while done < len(target):
+        count = handle.readinto(target[done:])
+        if not count:
+            break
+        done += count
+    return done
+
+
 class CheckpointReader:
     """Reads individual tensors from a directory of safetensors shards, by checkpoint name."""
 
@@ -151,7 +164,7 @@ class CheckpointReader:
         try:
             with open(shard, "rb", buffering=0) as handle:
                 handle.seek(start)
-                count = handle.readinto(target) if len(target) else 0
+                count = read_into(handle, target)
         except OSError as error:
             raise self._damaged(name, shard, error) from error
         if count != stop - start or len(target) != stop - start:

@@ -745,3 +745,23 @@ def test_background_write_raises_in_the_caller_and_is_waited_for():
     called = []
     BackgroundWrite(lambda: called.append(1), enabled=False).result()
     assert called == []
+
+
+def test_read_into_continues_after_short_reads():
+    """One readinto may return fewer bytes than asked (Linux caps one read at about 2 GiB): the
+    reader keeps reading until the tensor is full, and stops at the end of the file."""
+    import io
+
+    from reconstruct.models import read_into
+
+    class ShortReads(io.BytesIO):
+        def readinto(self, buffer):
+            return super().readinto(memoryview(buffer)[:3])  # at most 3 bytes per call
+
+    data = bytes(range(20))
+    target = bytearray(11)
+    handle = ShortReads(data)
+    handle.seek(4)
+    assert read_into(handle, memoryview(target)) == 11
+    assert bytes(target) == data[4:15]
+    assert read_into(ShortReads(data[:5]), memoryview(bytearray(8))) == 5  # a truncated file
