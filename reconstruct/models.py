@@ -103,8 +103,9 @@ class CheckpointReader:
     def __init__(self, directory: Path):
         self.directory = directory
         self.file_of: dict[str, str] = self._weight_map()
-        self._headers: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # name -> (dtype, shape)
-        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}  # shard -> name -> data's byte range
+        # shard -> name -> (safetensors dtype code, shape, byte range of its data): each shard's header
+        # is parsed once, for every tensor of it that `info` and `read` are asked about
+        self._layouts: dict[Path, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
 
     def _weight_map(self) -> dict[str, str]:
         from safetensors import safe_open
@@ -137,11 +138,8 @@ class CheckpointReader:
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """A tensor's dtype and shape, from its shard's header (no data is read), remembered: the
         error report asks for the same tensors' row ranges at every batch."""
-        if name not in self._headers:
-            with self._open(name) as handle:
-                piece = self._read(name, lambda: handle.get_slice(name))
-                self._headers[name] = SAFETENSORS_TO_TORCH[piece.get_dtype()], tuple(piece.get_shape())
-        return self._headers[name]
+        code, shape, _, _ = self._layout(name)
+        return SAFETENSORS_TO_TORCH[code], shape
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor. Pages of the memory-mapped shard are read when touched, so a large
@@ -157,9 +155,9 @@ class CheckpointReader:
         made zeroing half of a weight matrix about 6 times slower than on private memory
         (docs/benchmarks.md); reading the bytes with one `readinto` costs a little more than touching
         every mapped page does, and the read happens here rather than in the first forward pass."""
-        dtype, shape = self.info(name)
-        shard, start, stop = self._data_range(name)
-        tensor = torch.empty(shape, dtype=dtype)
+        code, shape, start, stop = self._layout(name)
+        shard = self._shard_path(name)
+        tensor = torch.empty(shape, dtype=SAFETENSORS_TO_TORCH[code])
         target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         try:
             with open(shard, "rb", buffering=0) as handle:
@@ -171,23 +169,39 @@ class CheckpointReader:
             raise self._damaged(name, shard, EOFError(f"read {count} of its {stop - start} bytes"))
         return tensor
 
-    def _data_range(self, name: str) -> tuple[Path, int, int]:
-        """The shard holding `name` and the byte range of its data, from the shard's header."""
-        shard = self.directory / self.file_of[name]
-        if shard not in self._offsets:
+    def _layout(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
+        """A tensor's dtype code, shape and the byte range of its data in its shard, from the shard's
+        header (8-byte length, then JSON), parsed once per shard. A header that does not fit the
+        file (a truncated or corrupted shard) is an error here, as safetensors' own open makes it."""
+        shard = self._shard_path(name)
+        if shard not in self._layouts:
             try:
                 with open(shard, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
                     length = struct.unpack("<Q", handle.read(8))[0]
+                    if length > size - 8:
+                        raise EOFError(f"the file has {size} bytes, its header claims {length}")
                     header = json.loads(handle.read(length))
                 data = 8 + length  # the tensors' bytes follow the header; offsets count from there
-                self._offsets[shard] = {key: (data + entry["data_offsets"][0], data + entry["data_offsets"][1])
-                                        for key, entry in header.items() if key != "__metadata__"}
-            except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+                layout = {key: (entry["dtype"], tuple(entry["shape"]), data + entry["data_offsets"][0],
+                                data + entry["data_offsets"][1])
+                          for key, entry in header.items() if key != "__metadata__"}
+                if any(stop > size for _, _, _, stop in layout.values()):
+                    raise EOFError(f"the file has {size} bytes, its header describes more")
+            except FileNotFoundError as error:
+                raise CheckpointError(f"shard {shard} listed in the index is missing; re-download it") from error
+            except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as error:
                 raise self._damaged(name, shard, error) from error
-        if name not in self._offsets[shard]:
+            self._layouts[shard] = layout
+        if name not in self._layouts[shard]:
             raise self._damaged(name, shard, KeyError("the shard's header does not list it"))
-        start, stop = self._offsets[shard][name]
-        return shard, start, stop
+        return self._layouts[shard][name]
+
+    def _shard_path(self, name: str) -> Path:
+        if name not in self.file_of:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
+                                  "the shards are incomplete or belong to another model")
+        return self.directory / self.file_of[name]
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of the tensor (its first dimension): a bounded read of a large tensor."""
@@ -207,10 +221,7 @@ class CheckpointReader:
     def _open(self, name: str):
         from safetensors import safe_open
 
-        if name not in self.file_of:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
-                                  "the shards are incomplete or belong to another model")
-        shard = self.directory / self.file_of[name]
+        shard = self._shard_path(name)
         try:
             handle = safe_open(str(shard), "pt", device="cpu")
         except FileNotFoundError as error:

@@ -97,8 +97,10 @@ def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int
             weight = model.get_submodule(name).weight
             keep_only(weight, mask)
             lost = mask & (weight == 0)
-            rounded += int(lost.sum())
-            weight.masked_fill_(lost, torch.finfo(weight.dtype).tiny)
+            count = int(lost.sum())
+            if count:  # rare; masked_fill_ has no fast path for bf16, so it is not run for nothing
+                weight.masked_fill_(lost, torch.finfo(weight.dtype).tiny)
+                rounded += count
     return rounded
 
 
