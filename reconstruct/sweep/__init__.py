@@ -54,9 +54,9 @@ import yaml
 
 from calib.sources import is_hub_source, local_file
 
-from .api import ConfigError, RetrainConfig, RunConfig, default_device, prune, retrain
-from .eval import LM_EVAL_INSTALL_COMMAND, evaluate
-from .pruning import NMPattern, PruningError
+from ..api import ConfigError, RetrainConfig, RunConfig, default_device, prune, retrain
+from ..eval import LM_EVAL_INSTALL_COMMAND, evaluate
+from ..pruning import NMPattern, PruningError
 
 log = logging.getLogger(__name__)
 
