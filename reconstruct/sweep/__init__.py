@@ -39,431 +39,26 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from calib.sources import is_hub_source, local_file
-
-from ..api import ConfigError, RetrainConfig, RunConfig, default_device, prune, retrain
+from ..api import ConfigError, prune, retrain
 from ..eval import LM_EVAL_INSTALL_COMMAND, evaluate
-from ..pruning import NMPattern, PruningError
+from .grid import DENSE, Cell, Grid, Named, Sparsity, chained_label, readable_id
+from .grid_file import load_grid
 
 log = logging.getLogger(__name__)
 
 EXIT_SOME_CELLS_FAILED = 1
 EXIT_INTERRUPTED = 130
-DENSE = "dense"  # the method name of a model's unpruned baseline cell
-
-# Settings that change how fast or where a cell runs, not its numbers: a finished cell stays valid
-# when they change (the same list as RunConfig.fingerprint's, plus evaluation's).
-RESOURCE_SETTINGS = frozenset({"device", "batch_size", "offload_activations", "activation_budget_gb",
-                               "cache_dir"})
-# Settings of the correction's fit: they change nothing in a cell without a correction (except
-# --target none, which also changes what the pruning statistics are gathered on).
-FITTING_SETTINGS = frozenset({"rank", "alpha", "steps", "lr", "weight_decay", "warmup", "check_every",
-                              "patience", "fit_batch_size", "granularity", "target", "heldout"})
-# Prune settings that the grid itself sets per cell (or the sweep manages): not allowed under `prune:`.
-GRID_OWNED_PRUNE_SETTINGS = frozenset({"model", "out", "method", "sparsity", "pattern", "correction",
-                                       "seed", "overwrite", "resume"})
-EVAL_SETTINGS = frozenset({"data", "seqlen", "tasks", "batch_size", "limit", "include_path", "device",
-                           "dtype", "text_field", "cache_dir"})
-TOP_LEVEL_KEYS = frozenset({"models", "methods", "sparsities", "corrections", "seeds", "prune", "eval",
-                            "keep_checkpoints", "retrain"})
-# Retrain settings that the grid or the sweep sets per cell: not allowed under `retrain:` (besides params).
-GRID_OWNED_RETRAIN_SETTINGS = frozenset({"model", "out", "overwrite", "resume"})
 PLOT_DPI = 100
-
-
-# --------------------------------------------------------------------------------------------------
-# The grid
-
-
-@dataclass(frozen=True)
-class Named:
-    """A model or an evaluation source: what is passed on (`location`) and its short `name`."""
-
-    name: str
-    location: str
-
-
-@dataclass(frozen=True)
-class Sparsity:
-    """One entry of `sparsities`: a fraction of zeros, or an N:M pattern (with its implied fraction)."""
-
-    value: float
-    pattern: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.pattern or f"{self.value:g}"
-
-    @property
-    def token(self) -> str:  # for cell ids and file names, where ':' is awkward
-        return self.pattern.replace(":", "of") if self.pattern else f"{self.value:g}"
-
-    def prune_settings(self) -> dict:
-        return {"pattern": self.pattern} if self.pattern else {"sparsity": self.value}
-
-    def sort_key(self) -> tuple:
-        return (self.value, self.pattern is not None, self.pattern or "")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One prune + eval (or, for method "dense", the eval of the model as it is)."""
-
-    id: str
-    model: Named
-    method: str
-    sparsity: Sparsity | None  # None for the dense baseline
-    correction: str | None
-    seed: int | None
-    prune_settings: dict = field(hash=False)  # api.prune's keyword arguments, without model and out
-    eval_settings: dict = field(hash=False)   # evaluate's keyword arguments, without model and data
-    data: tuple[Named, ...] = ()
-    retrain_settings: dict | None = field(default=None, hash=False)  # chained: api.retrain's, params included
-    pruned_by: str | None = None              # chained: the id of the prune cell whose checkpoint it retrains
-
-    @property
-    def label(self) -> str:
-        """The correction column of the tables: the prune's correction, then what retrained it."""
-        if self.retrain_settings:
-            return chained_label(self.correction, self.retrain_settings["params"])
-        return self.correction
-
-    @property
-    def is_dense(self) -> bool:
-        return self.method == DENSE
-
-    def recorded_settings(self) -> dict:
-        """What the cell's numbers depend on; a finished cell is valid only while these are unchanged.
-
-        The prune settings are complete, defaults included: a default that changes in a later version
-        of the engine makes the cell's result stale just as an edited grid does."""
-        def significant(settings: dict) -> dict:
-            return {k: v for k, v in settings.items() if k not in RESOURCE_SETTINGS}
-
-        prune_settings = {}
-        if not self.is_dense:
-            config = asdict(RunConfig(model=self.model.location, out="", **self.prune_settings))
-            prune_settings = {k: v for k, v in config.items() if k not in ("model", "out", "overwrite", "resume")}
-            if config["correction"] == "none":  # a new fitting default leaves prune-only cells valid
-                prune_settings = {k: v for k, v in prune_settings.items()
-                                  if k not in FITTING_SETTINGS or (k == "target" and v == "none")}
-        retrain_settings = {}
-        if self.retrain_settings:
-            config = asdict(RetrainConfig(model="", out="", **self.retrain_settings))
-            retrain_settings = {k: v for k, v in config.items() if k not in GRID_OWNED_RETRAIN_SETTINGS}
-        return _json_normalised({"model": self.model.location, "method": self.method,
-                                 **({"retrain": significant(retrain_settings)} if retrain_settings else {}),
-                                 "prune": significant(prune_settings),
-                                 "eval": significant(self.eval_settings),
-                                 "data": {source.name: source.location for source in self.data}})
-
-
-@dataclass
-class Grid:
-    models: list[Named]
-    methods: list[str]
-    sparsities: list[Sparsity]
-    corrections: list[str]        # names: a correction, or a named recipe of `correction_settings`
-    seeds: list[int]
-    prune: dict
-    eval: dict
-    data: list[Named]
-    keep_checkpoints: bool = False
-    retrain: dict = field(default_factory=dict)   # settings shared by the chained retrain cells
-    retrain_params: list[str] = field(default_factory=list)
-    # A named entry of `corrections` ({name: full-dense, correction: full, target: dense, lr: 3e-4}):
-    # its prune settings, which override `prune:` for that entry's cells.
-    correction_settings: dict[str, dict] = field(default_factory=dict)
-
-    def cells(self) -> list[Cell]:
-        """Each model's dense baseline first (so that it is there early), then its pruned cells."""
-        cells = []
-        for model in self.models:
-            cells.append(Cell(id=_cell_id(model.name, DENSE), model=model, method=DENSE, sparsity=None,
-                              correction=None, seed=None, prune_settings={}, eval_settings=self.eval,
-                              data=tuple(self.data)))
-            for method in self.methods:
-                for sparsity in self.sparsities:
-                    for correction in self.corrections:
-                        for seed in self.seeds:
-                            recipe = self.correction_settings.get(correction, {"correction": correction})
-                            settings = {**self.prune, "method": method, **sparsity.prune_settings(),
-                                        **recipe, "seed": seed}
-                            pruned = Cell(
-                                id=_cell_id(model.name, method, sparsity.token, correction, f"seed{seed}"),
-                                model=model, method=method, sparsity=sparsity, correction=correction,
-                                seed=seed, prune_settings=settings, eval_settings=self.eval,
-                                data=tuple(self.data))
-                            cells.append(pruned)
-                            for params in self.retrain_params:
-                                cells.append(Cell(
-                                    id=f"{pruned.id}-{_cell_id(f'retrain_{params}')}", model=model, method=method,
-                                    sparsity=sparsity, correction=correction, seed=seed,
-                                    prune_settings=settings, eval_settings=self.eval, data=tuple(self.data),
-                                    retrain_settings={**self.retrain, "params": params, "seed": seed},
-                                    pruned_by=pruned.id))
-        return cells
-
-
-def chained_label(correction: str, params: str) -> str:
-    """A chained retrain cell's row in the tables."""
-    return f"{correction} + retrain {params}"
-
-
-def _cell_id(*parts: str) -> str:
-    # Readable and stable: the same grid entry always gets the same directory name.
-    return "-".join(re.sub(r"[^A-Za-z0-9._+]+", "_", part) for part in parts)
-
-
-def load_grid(path: str | os.PathLike) -> Grid:
-    """Read and check a grid YAML file; every error names the offending entry."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with models, methods, sparsities, corrections, ...")
-    unknown = set(raw) - TOP_LEVEL_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
-    prune_settings = _prune_settings(raw.get("prune") or {})
-    grid = Grid(
-        models=_named_entries(_required_list(raw, "models"), "models", keep_suffix=True),
-        methods=[str(m) for m in _required_list(raw, "methods")],
-        sparsities=[_parse_sparsity(s) for s in _required_list(raw, "sparsities")],
-        **_corrections(_required_list(raw, "corrections")),
-        seeds=[_parse_seed(s) for s in _required_list(raw, "seeds")] if "seeds" in raw else [0],
-        prune=prune_settings,
-        eval=_eval_settings(raw.get("eval") or {}, prune_settings),
-        data=_eval_sources(raw.get("eval") or {}),
-        keep_checkpoints=_parse_bool(raw.get("keep_checkpoints", False), "keep_checkpoints"),
-        **_retrain_settings(raw.get("retrain")),
-    )
-    if not grid.data and not grid.eval.get("tasks"):
-        raise ConfigError(f"{path}: eval needs `data` (perplexity sources) or `tasks` (zero-shot), or both")
-    _check_unique([m.name for m in grid.models], "model names (give each model a `name`)")
-    _check_unique([s.name for s in grid.data], "eval data names (give each source a `name`)")
-    _check_unique([s.location for s in grid.data], "eval data sources")
-    _check_unique([c.id for c in grid.cells()], "cells (a method, sparsity, correction or seed is listed twice)")
-    _check_prune_settings(grid)
-    _check_data_files(grid)
-    return grid
-
-
-def _required_list(raw: dict, key: str) -> list:
-    value = raw.get(key)
-    if isinstance(value, (str, int, float, dict)):
-        value = [value]
-    if not value:
-        raise ConfigError(f"the grid needs a non-empty list `{key}`")
-    return list(value)
-
-
-def _named_entries(entries: list, what: str, keep_suffix: bool) -> list[Named]:
-    """Strings (the name is derived from the path) or mappings {name: ..., path: ...}."""
-    named = []
-    for entry in entries:
-        if isinstance(entry, dict):
-            if set(entry) - {"name", "path"} or "path" not in entry:
-                raise ConfigError(f"{what} entry {entry}: use a string or {{name: ..., path: ...}}")
-            location = _local_path_or_name(str(entry["path"]))
-            name = str(entry.get("name") or _short_name(location, keep_suffix))
-        else:
-            location = _local_path_or_name(str(entry))
-            name = _short_name(location, keep_suffix)
-        named.append(Named(name=name, location=location))
-    return named
-
-
-def _short_name(location: str, keep_suffix: bool) -> str:
-    """The last path component: ~/models/llama -> llama, facebook/opt-1.3b -> opt-1.3b; for data
-    files without the suffix: data/test.txt -> test."""
-    path = Path(location)
-    return (path.name if keep_suffix else path.stem) or location
-
-
-def _local_path_or_name(value: str) -> str:
-    """An existing local path made absolute (so that results do not depend on the current directory);
-    anything else (a hub id, "c4", "wikitext2") as given, with ~ expanded."""
-    if is_hub_source(value):
-        return value  # calib reads these names as the hub datasets even if such a file exists
-    expanded = Path(value).expanduser()
-    return str(expanded.resolve()) if expanded.exists() else str(expanded)
-
-
-def _parse_sparsity(entry) -> Sparsity:
-    if isinstance(entry, bool):
-        raise ConfigError(f"sparsity {entry!r} is not a number or an N:M pattern")
-    if isinstance(entry, int) and entry > 1:
-        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124.
-        raise ConfigError(f"sparsity {entry} is not a fraction; write N:M patterns in quotes, e.g. \"2:4\" "
-                          "(unquoted, YAML reads 2:4 as the number 124)")
-    if isinstance(entry, str) and ":" in entry:
-        try:
-            pattern = NMPattern.parse(entry.strip())
-        except PruningError as error:
-            raise ConfigError(str(error)) from None
-        return Sparsity(value=pattern.sparsity, pattern=str(pattern))
-    try:
-        value = float(entry)
-    except (TypeError, ValueError):
-        raise ConfigError(f"sparsity {entry!r} is neither a fraction such as 0.5 nor an N:M pattern such "
-                          "as \"2:4\"") from None
-    if not 0 <= value < 1:
-        raise ConfigError(f"sparsity {value} is outside [0, 1)")
-    return Sparsity(value=value)
-
-
-def _parse_seed(entry) -> int:
-    if isinstance(entry, bool) or not isinstance(entry, int):
-        raise ConfigError(f"seed {entry!r} is not an integer")
-    return entry
-
-
-def _parse_bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, not {value!r}")
-    return value
-
-
-def _prune_settings(raw: dict) -> dict:
-    if not isinstance(raw, dict):
-        raise ConfigError("`prune:` must be a mapping of prune settings, e.g. {calib: c4, nsamples: 128}")
-    return _checked_prune_settings(raw, "`prune:`", GRID_OWNED_PRUNE_SETTINGS)
-
-
-def _checked_prune_settings(raw: dict, where: str, owned_by_grid: frozenset) -> dict:
-    """Prune settings given in `where` (`prune:` or a correction recipe): none that the grid owns,
-    none unknown, local paths made absolute."""
-    owned = set(raw) & owned_by_grid
-    if owned:
-        raise ConfigError(f"prune settings {sorted(owned)} in {where} are set by the grid (models, methods, "
-                          "sparsities, corrections, seeds) or by the sweep itself; remove them")
-    unknown = set(raw) - set(RunConfig.field_names())
-    if unknown:
-        raise ConfigError(f"unknown prune settings {sorted(unknown)} in {where}; known: "
-                          f"{sorted(set(RunConfig.field_names()) - owned_by_grid)}")
-    return _with_local_paths(dict(raw), ("calib", "tokenizer", "cache_dir"))
-
-
-def _with_local_paths(settings: dict, keys: tuple[str, ...]) -> dict:
-    """`settings` with the paths under `keys` that exist made absolute (in place)."""
-    for key in keys:
-        if isinstance(settings.get(key), str):
-            settings[key] = _local_path_or_name(settings[key])
-    return settings
-
-
-def _corrections(entries: list) -> dict:
-    """`corrections: [none, masklora, {name: full-dense, correction: full, target: dense, lr: 3e-4}]`.
-
-    A plain entry is a `--correction` value. A mapping is a named recipe: a correction and any prune
-    settings that differ from `prune:` for its cells (the target, learning rate, steps, rank, ...), so
-    that one grid compares whole repair recipes; its name is the table's row and part of the cell ids."""
-    names, recipes = [], {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            names.append(str(entry))
-            continue
-        if "name" not in entry or "correction" not in entry:
-            raise ConfigError(f"a corrections entry given as a mapping needs `name` and `correction`: {entry}")
-        name = str(entry["name"])
-        settings = _checked_prune_settings({k: v for k, v in entry.items() if k != "name"},
-                                           f"corrections entry {name!r}", GRID_OWNED_PRUNE_SETTINGS - {"correction"})
-        names.append(name)
-        recipes[name] = settings
-    return {"corrections": names, "correction_settings": recipes}
-
-
-def _retrain_settings(raw) -> dict:
-    """`retrain: {params: [norm, masklora], steps: 1000, data: c4, ...}`: chained retrain cells."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or "params" not in raw:
-        raise ConfigError("`retrain:` must be a mapping with a `params` list, e.g. {params: [norm, masklora], "
-                          "data: c4, steps: 1000}")
-    params = raw["params"] if isinstance(raw["params"], list) else [raw["params"]]
-    settings = {k: v for k, v in raw.items() if k != "params"}
-    owned = set(settings) & (GRID_OWNED_RETRAIN_SETTINGS | {"seed"})
-    if owned:
-        raise ConfigError(f"retrain settings {sorted(owned)} are set by the sweep (the seed is each cell's); "
-                          "remove them from `retrain:`")
-    unknown = set(settings) - set(RetrainConfig.field_names())
-    if unknown:
-        raise ConfigError(f"unknown retrain settings {sorted(unknown)}; known: {sorted(RetrainConfig.field_names())}")
-    _with_local_paths(settings, ("data", "tokenizer", "cache_dir", "teacher"))
-    return {"retrain": settings, "retrain_params": [str(p) for p in params]}
-
-
-def _eval_settings(raw: dict, prune_settings: dict) -> dict:
-    """evaluate()'s keyword arguments other than the model and the data sources."""
-    if not isinstance(raw, dict):
-        raise ConfigError("`eval:` must be a mapping, e.g. {data: [wikitext2], seqlen: 2048}")
-    unknown = set(raw) - EVAL_SETTINGS
-    if unknown:
-        raise ConfigError(f"unknown eval settings {sorted(unknown)}; known: {sorted(EVAL_SETTINGS)}")
-    settings = {k: v for k, v in raw.items() if k != "data"}
-    settings.setdefault("seqlen", 2048)
-    # Evaluate where the pruning runs unless told otherwise.
-    settings.setdefault("device", prune_settings.get("device", default_device()))
-    if isinstance(settings.get("tasks"), str):
-        settings["tasks"] = [t for t in settings["tasks"].split(",") if t]
-    return _with_local_paths(settings, ("include_path", "cache_dir"))
-
-
-def _eval_sources(raw: dict) -> list[Named]:
-    data = raw.get("data") or []
-    if isinstance(data, str):
-        data = [s for s in data.split(",") if s]
-    return _named_entries(list(data), "eval data", keep_suffix=False)
-
-
-def _check_unique(values: list[str], what: str) -> None:
-    duplicates = sorted({v for v in values if values.count(v) > 1})
-    if duplicates:
-        raise ConfigError(f"duplicate {what}: {duplicates}")
-
-
-def _check_prune_settings(grid: Grid) -> None:
-    """Let RunConfig check every cell's settings now rather than hours into the sweep."""
-    for cell in grid.cells():
-        if cell.is_dense:
-            continue
-        try:
-            RunConfig(model=cell.model.location, out=cell.id, **cell.prune_settings).validate()
-            if cell.retrain_settings:
-                RetrainConfig(model=cell.model.location, out=cell.id, **cell.retrain_settings).validate()
-        except ConfigError as error:
-            raise ConfigError(f"cell {cell.id}: {error}") from None
-
-
-def _check_data_files(grid: Grid) -> None:
-    """A missing calibration or evaluation file would fail every cell, each after its prune: say so now."""
-    sources = [source.location for source in grid.data]
-    if isinstance(grid.prune.get("calib"), str):
-        sources.append(grid.prune["calib"])
-    for source in sources:
-        if not is_hub_source(source):
-            local_file(source)  # raises CalibrationError (a ValueError) naming the problem
-
-
-def _json_normalised(value):
-    """`value` as it reads back from JSON (tuples become lists), so that comparisons are fair."""
-    return json.loads(json.dumps(value, default=str))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,20 +84,20 @@ class CellDirectory:
     def state(self) -> str:
         """finished | changed (finished with other settings) | failed | partial | pending."""
         if self.is_finished():
-            recorded = _read_json(self.result)["settings"]
+            recorded = read_json(self.result)["settings"]
             return "finished" if recorded == self.cell.recorded_settings() else "changed"
         if self.failure.exists():
             return "failed"
         return "partial" if self.path.exists() else "pending"
 
     def settings_difference(self) -> str:
-        recorded = _read_json(self.result)["settings"]
+        recorded = read_json(self.result)["settings"]
         return "; ".join(_differences(recorded, self.cell.recorded_settings())) or "none"
 
     def start(self) -> None:
         """Keep what an earlier attempt with the same settings left (to resume from); else start empty."""
         settings = self.cell.recorded_settings()
-        if self.settings_file.exists() and _read_json(self.settings_file) != settings:
+        if self.settings_file.exists() and read_json(self.settings_file) != settings:
             log.info("%s: settings changed since the last attempt; starting it again", self.cell.id)
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -537,7 +132,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return differences
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     return json.loads(path.read_text())
 
 
@@ -572,7 +167,7 @@ def run_sweep(grid: Grid, out: Path, dry_run: bool = False, grid_file: Path | No
         if grid_file is not None:
             shutil.copyfile(grid_file, out / "grid.yaml")
         failed = []
-        peak_memory_resettable = _reset_peak_memory()
+        peak_memory_resettable = reset_peak_memory()
         if not peak_memory_resettable:
             log.warning("cannot reset the process's peak memory between cells (no /proc/self/clear_refs): "
                         "each cell's peak_host_gib is the peak of the whole sweep so far")
@@ -652,7 +247,7 @@ def prune_and_evaluate(directory: CellDirectory) -> dict:
         model_location = str(retrain_chained(directory))
     elif not cell.is_dense:
         if not directory.prune_is_complete():
-            _reset_peak_memory()
+            reset_peak_memory()
             # resume=True continues from checkpoint.partial when an earlier attempt left one (its
             # settings are those of cell.json, checked in start()); otherwise it starts afresh.
             prune(model_location, str(directory.checkpoint), **cell.prune_settings, overwrite=True, resume=True)
@@ -678,7 +273,7 @@ def retrain_chained(directory: CellDirectory) -> Path:
         if not (source / "report.json").exists():
             prune(cell.model.location, str(source), **cell.prune_settings, overwrite=True, resume=True)
     if not directory.prune_is_complete():
-        _reset_peak_memory()
+        reset_peak_memory()
         retrain(str(source), str(directory.checkpoint), **cell.retrain_settings, overwrite=True, resume=True)
     shutil.copyfile(directory.checkpoint / "report.json", directory.report)
     shutil.rmtree(directory.path / "pruned", ignore_errors=True)
@@ -691,7 +286,7 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _reset_peak_memory() -> bool:
+def reset_peak_memory() -> bool:
     """Restart the peak-memory counters, so that a prune report's peak is that cell's own.
 
     All cells run in one process, whose peak resident memory (what the prune report records) only
@@ -756,10 +351,10 @@ def result_row(directory: CellDirectory, grid: Grid) -> dict:
     row.update(achieved_sparsity=None, prune_time_s=None, peak_host_gib=None, peak_device_gib=None,
                heldout_before=None, heldout_after=None, reverted_blocks=None, eval_time_s=None, error=None)
     if row["status"] == "failed":
-        row["error"] = _read_json(directory.failure)["error"]
+        row["error"] = read_json(directory.failure)["error"]
     if row["status"] != "finished":
         return row
-    result = _read_json(directory.result)
+    result = read_json(directory.result)
     for name, value in result["perplexity"].items():
         row[f"ppl_{name}"] = value
     if result.get("zero_shot"):
@@ -768,9 +363,9 @@ def result_row(directory: CellDirectory, grid: Grid) -> dict:
         row["zero_shot_mean"] = result["zero_shot"]["mean_acc"]
     row["eval_time_s"] = result["eval_time_s"]
     if cell.retrain_settings:
-        row.update(_retrain_summary(_read_json(directory.report)))
+        row.update(_retrain_summary(read_json(directory.report)))
     elif not cell.is_dense:
-        row.update(_prune_summary(_read_json(directory.report)))
+        row.update(_prune_summary(read_json(directory.report)))
     return row
 
 
@@ -894,12 +489,12 @@ def write_plots(directories: list[CellDirectory], grid: Grid, out: Path) -> list
     for model in grid.models:
         model_rows = [row for row in rows if row["model"] == model.name]
         for source in grid.data:
-            path = plots / f"ppl-{_cell_id(model.name, source.name)}.png"
+            path = plots / f"ppl-{readable_id(model.name, source.name)}.png"
             if plot_perplexity(model_rows, f"ppl_{source.name}", grid, path,
                                title=f"{model.name}: perplexity on {source.name} (seqlen {grid.eval['seqlen']})"):
                 written.append(path)
         model_directories = [d for d in directories if d.cell.model == model]
-        path = plots / f"heldout-{_cell_id(model.name)}.png"
+        path = plots / f"heldout-{readable_id(model.name)}.png"
         if plot_heldout_error(model_directories, grid, path, model.name):
             written.append(path)
     return written
@@ -1017,7 +612,7 @@ def _heldout_blocks(directories: list[CellDirectory], method: str, sparsity: Spa
             continue
         if directory.state() != "finished":
             continue
-        blocks = [b for b in _read_json(directory.report)["blocks"] if "heldout_before" in b]
+        blocks = [b for b in read_json(directory.report)["blocks"] if "heldout_before" in b]
         if blocks:
             return cell.seed, blocks
     return None
