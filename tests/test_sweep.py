@@ -123,8 +123,8 @@ def test_grid_errors_say_what_is_wrong(tmp_path, files, changes, message):
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path, files, monkeypatch):
     grid, out = write_grid(tmp_path, files), tmp_path / "out"
     # First run: Ctrl-C while the second pruned cell is pruning.
-    interrupted = Recorder(sweep.prune, fail_when=lambda o: "0.5-masklora" in o, error=KeyboardInterrupt())
-    monkeypatch.setattr(sweep, "prune", interrupted)
+    interrupted = Recorder(sweep.cells.prune, fail_when=lambda o: "0.5-masklora" in o, error=KeyboardInterrupt())
+    monkeypatch.setattr(sweep.cells, "prune", interrupted)
     assert cli(["sweep", str(grid), "--out", str(out)]) == sweep.EXIT_INTERRUPTED
     first = out / "cells" / "llama-magnitude-0.5-none-seed0"
     assert (first / "result.json").exists() and (out / "cells" / "llama-dense" / "result.json").exists()
@@ -134,9 +134,9 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path, file
 
     # Second run: only the unfinished cells are pruned and evaluated.
     pruned = Recorder(interrupted.function)
-    evaluated = Recorder(sweep.evaluate)
-    monkeypatch.setattr(sweep, "prune", pruned)
-    monkeypatch.setattr(sweep, "evaluate", evaluated)
+    evaluated = Recorder(sweep.cells.evaluate)
+    monkeypatch.setattr(sweep.cells, "prune", pruned)
+    monkeypatch.setattr(sweep.cells, "evaluate", evaluated)
     assert cli(["sweep", str(grid), "--out", str(out)]) == 0
     assert sorted(Path(p).parent.name for p in pruned.calls) == [
         "llama-magnitude-0.5-masklora-seed0", "llama-magnitude-2of4-masklora-seed0",
@@ -167,8 +167,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path, file
     assert json.loads((out / "cells" / "llama-magnitude-0.5-masklora-seed0" / "report.json").read_text())["blocks"]
 
     # A third run has nothing to do; a changed setting is refused rather than mixed in.
-    monkeypatch.setattr(sweep, "prune", Recorder(interrupted.function, fail_when=lambda o: True,
-                                                 error=AssertionError("nothing should be pruned")))
+    monkeypatch.setattr(sweep.cells, "prune", Recorder(interrupted.function, fail_when=lambda o: True,
+                                                       error=AssertionError("nothing should be pruned")))
     assert cli(["sweep", str(grid), "--out", str(out)]) == 0
     changed = write_grid(tmp_path, files, prune={"calib": str(files["calib"]), "nsamples": 6, "seqlen": 32,
                                                  "steps": 2, "device": "cpu"})
@@ -177,8 +177,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path, file
 
 def test_failing_cell_is_reported_and_others_run(tmp_path, files, monkeypatch, capsys):
     grid, out = write_grid(tmp_path, files, corrections=["none"]), tmp_path / "out"
-    monkeypatch.setattr(sweep, "prune", Recorder(sweep.prune, fail_when=lambda o: "2of4" in o,
-                                                 error=RuntimeError("boom")))
+    monkeypatch.setattr(sweep.cells, "prune", Recorder(sweep.cells.prune, fail_when=lambda o: "2of4" in o,
+                                                       error=RuntimeError("boom")))
     assert cli(["sweep", str(grid), "--out", str(out)]) == sweep.EXIT_SOME_CELLS_FAILED
     rows = {row["cell"]: row for row in read_csv(out / "results.csv")}
     failed = rows["llama-magnitude-2of4-none-seed0"]
@@ -190,8 +190,8 @@ def test_failing_cell_is_reported_and_others_run(tmp_path, files, monkeypatch, c
     assert "llama-magnitude-2of4-none-seed0" in capsys.readouterr().out
 
     # Rerunning retries the failed cell only.
-    pruned = Recorder(sweep.prune.function)
-    monkeypatch.setattr(sweep, "prune", pruned)
+    pruned = Recorder(sweep.cells.prune.function)
+    monkeypatch.setattr(sweep.cells, "prune", pruned)
     assert cli(["sweep", str(grid), "--out", str(out)]) == 0
     assert [Path(p).parent.name for p in pruned.calls] == ["llama-magnitude-2of4-none-seed0"]
     assert not (out / "cells" / "llama-magnitude-2of4-none-seed0" / "failed.json").exists()
@@ -222,23 +222,25 @@ def test_unfinished_cell_continues_where_it_stopped(tmp_path, files, monkeypatch
     # Second run: block 1 only, then Ctrl-C during the evaluation.
     assert blocks_done == [0]
     blocks_done.clear()
-    monkeypatch.setattr(sweep, "evaluate", Recorder(sweep.evaluate, fail_when=lambda m: m.startswith(str(cell)),
-                                                    error=KeyboardInterrupt()))
+    monkeypatch.setattr(sweep.cells, "evaluate", Recorder(sweep.cells.evaluate,
+                                                          fail_when=lambda m: m.startswith(str(cell)),
+                                                          error=KeyboardInterrupt()))
     assert cli(["sweep", str(grid), "--out", str(out)]) == sweep.EXIT_INTERRUPTED
     assert blocks_done == [1]
     assert (cell / "checkpoint" / "report.json").exists() and not (cell / "result.json").exists()
 
     # Third run: evaluation only.
-    pruned = Recorder(sweep.prune)
-    monkeypatch.setattr(sweep, "prune", pruned)
-    monkeypatch.setattr(sweep, "evaluate", sweep.evaluate.function)
+    pruned = Recorder(sweep.cells.prune)
+    monkeypatch.setattr(sweep.cells, "prune", pruned)
+    monkeypatch.setattr(sweep.cells, "evaluate", sweep.cells.evaluate.function)
     assert cli(["sweep", str(grid), "--out", str(out)]) == 0
     assert pruned.calls == []
     assert (cell / "result.json").exists() and (cell / "checkpoint" / "config.json").exists()  # kept
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path, files, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "prune", Recorder(sweep.prune, fail_when=lambda o: True, error=AssertionError()))
+    monkeypatch.setattr(sweep.cells, "prune", Recorder(sweep.cells.prune, fail_when=lambda o: True,
+                                                       error=AssertionError()))
     assert cli(["sweep", str(write_grid(tmp_path, files)), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "pending   llama-magnitude-2of4-masklora-seed0" in printed and "5 cells, 5 to run" in printed
@@ -254,9 +256,9 @@ def test_chained_retrain_cells_reuse_the_prune_checkpoint(tmp_path, files, monke
     ids = [cell.id for cell in sweep.load_grid(grid).cells()]
     assert ids == ["llama-dense", "llama-magnitude-0.5-none-seed0", "llama-magnitude-0.5-none-seed0-retrain_norm",
                    "llama-magnitude-0.5-none-seed0-retrain_masklora"]
-    pruned, retrained = Recorder(sweep.prune), Recorder(sweep.retrain)
-    monkeypatch.setattr(sweep, "prune", pruned)
-    monkeypatch.setattr(sweep, "retrain", retrained)
+    pruned, retrained = Recorder(sweep.cells.prune), Recorder(sweep.cells.retrain)
+    monkeypatch.setattr(sweep.cells, "prune", pruned)
+    monkeypatch.setattr(sweep.cells, "retrain", retrained)
     out = tmp_path / "out"
     assert cli(["sweep", str(grid), "--out", str(out)]) == 0
     assert len(pruned.calls) == 1 and len(retrained.calls) == 2
