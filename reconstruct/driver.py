@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .api import ConfigError, RunConfig
+from .config import ConfigError, RunConfig
 from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
                       map_tensors)
 from .corrections import CorrectionError, CorrectionOptions, make_correction

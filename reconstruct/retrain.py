@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .api import RetrainConfig
+from .config import RetrainConfig
 from .corrections import CorrectionOptions, make_correction
 from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule

@@ -54,7 +54,8 @@ import yaml
 
 from calib.sources import is_hub_source, local_file
 
-from .api import ConfigError, RetrainConfig, RunConfig, default_device, prune, retrain
+from .api import prune, retrain
+from .config import ConfigError, RetrainConfig, RunConfig, default_device
 from .eval import LM_EVAL_INSTALL_COMMAND, evaluate
 from .pruning import NMPattern, PruningError
 

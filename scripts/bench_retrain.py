@@ -45,7 +45,8 @@ LR_SWEEP = ("llama:wanda0.7:masklora:3e-3 llama:wanda0.7:masklora:3e-4 llama:wan
 # --------------------------------------------------------------------------------------------------
 # Quality
 def quality(args) -> None:
-    from reconstruct.api import RETRAIN_DEFAULT_LR, prune, retrain
+    from reconstruct.api import prune, retrain
+    from reconstruct.config import RETRAIN_DEFAULT_LR
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

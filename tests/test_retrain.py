@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import saved_tensors, wait_until_locked
-from reconstruct.api import RETRAIN_PARAMS, ConfigError, retrain
+from reconstruct.api import retrain
+from reconstruct.config import RETRAIN_PARAMS, ConfigError
 from reconstruct.corrections import CorrectionError, CorrectionOptions, make_correction
 from reconstruct.models import CheckpointError, UnsupportedModelError, open_model
 from reconstruct.retrain import TrainingError, masks_from_zeros

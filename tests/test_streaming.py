@@ -22,7 +22,8 @@ from reconstruct import driver as driver_module
 from reconstruct import memory as memory_module
 from reconstruct import store as store_module
 from reconstruct import writer as writer_module
-from reconstruct.api import RunConfig, prune
+from reconstruct.api import prune
+from reconstruct.config import RunConfig
 from reconstruct.models import CheckpointError, CheckpointReader, ModelAdapter
 from reconstruct.tiny import save_tiny_model, write_sample_text
 from reconstruct.writer import OutputError
