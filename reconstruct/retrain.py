@@ -43,12 +43,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import RetrainConfig
 from .corrections import CorrectionOptions, make_correction
-from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
 from .lock import run_lock
 from .memory import peak_rss_bytes
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
-from .pruning.base import keep_only
+from .tensors import masks_from_zeros, restore_exact_zeros, zero_count
+from .versions import package_versions
 from .writer import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,10 @@ class RetrainResult:
 
 # --------------------------------------------------------------------------------------------------
 # The mask and the sparsity of a pruned checkpoint
-def masks_from_zeros(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
-    """Keep-masks (True = non-zero) of every linear in the decoder blocks, by name in the model: the
-    checkpoint's zeros are the mask, found per tensor (no assumption about which layers were pruned)."""
-    masks = {}
-    for index, block in enumerate(adapter.blocks):
-        for name, linear in prunable_linears(block).items():
-            masks[f"{adapter.block_name(index)}.{name}"] = linear.weight.detach() != 0
-    return masks
+def block_linears(adapter: ModelAdapter) -> dict[str, nn.Linear]:
+    """Every prunable linear in the decoder blocks, by name in the model."""
+    return {f"{adapter.block_name(index)}.{name}": linear
+            for index, block in enumerate(adapter.blocks) for name, linear in prunable_linears(block).items()}
 
 
 def sparsity_of(model: nn.Module, names) -> dict[str, float]:
@@ -84,24 +80,6 @@ def sparsity_of(model: nn.Module, names) -> dict[str, float]:
         weight = model.get_submodule(name).weight.detach()
         sparsity[name] = zero_count(weight) / weight.numel()
     return sparsity
-
-
-def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    """Make each masked linear's zero set exactly its mask, with +0.0 (never −0.0) at pruned entries.
-
-    A kept weight that a correction moved to exactly zero (its storage dtype rounds the sum to 0) is
-    set to the dtype's smallest normal number, so that the zero set stays the mask; returns how many."""
-    rounded = 0
-    with torch.no_grad():
-        for name, mask in masks.items():
-            weight = model.get_submodule(name).weight
-            keep_only(weight, mask)
-            lost = mask & (weight == 0)
-            count = int(lost.sum())
-            if count:  # rare; masked_fill_ has no fast path for bf16, so it is not run for nothing
-                weight.masked_fill_(lost, torch.finfo(weight.dtype).tiny)
-                rounded += count
-    return rounded
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -165,7 +143,7 @@ class Retrainer:
         self.check_correction_against_model()
         self.teacher = self.open_teacher() if config.teacher else None
         self.model = self.adapter.load_all()
-        self.masks = masks_from_zeros(self.adapter)
+        self.masks = masks_from_zeros(block_linears(self.adapter))
         self.sparsity_before = sparsity_of(self.model, self.masks)
         zeros = sum(self.sparsity_before[n] * m.numel() for n, m in self.masks.items())
         if zeros == 0 and not config.allow_dense:
@@ -191,9 +169,8 @@ class Retrainer:
         """A trial attachment to a weightless copy of the model: `--params bias` on a model without
         biases fails here, before any weight is read."""
         trial = copy.deepcopy(self.adapter.model)
-        masks = {f"{self.adapter.block_name(i)}.{name}": torch.ones(linear.weight.shape, dtype=torch.bool,
-                                                                    device="meta")
-                 for i, block in enumerate(self.adapter.blocks) for name, linear in prunable_linears(block).items()}
+        masks = {name: torch.ones(linear.weight.shape, dtype=torch.bool, device="meta")
+                 for name, linear in block_linears(self.adapter).items()}
         self.correction.attach(trial, masks, self.options, torch.Generator())
 
     def open_teacher(self) -> nn.Module:

@@ -23,7 +23,8 @@ from reconstruct.api import retrain
 from reconstruct.config import RETRAIN_PARAMS, ConfigError
 from reconstruct.corrections import CorrectionError, CorrectionOptions, make_correction
 from reconstruct.models import CheckpointError, UnsupportedModelError, open_model
-from reconstruct.retrain import TrainingError, masks_from_zeros
+from reconstruct.retrain import TrainingError, block_linears
+from reconstruct.tensors import masks_from_zeros
 
 SEQLEN = 32
 
@@ -104,7 +105,7 @@ def test_merged_model_computes_what_the_trained_one_did(pruned_models):
     for params in [p for p in RETRAIN_PARAMS if p != "lora-prune"]:
         adapter = open_model(pruned_models["opt"][1])
         model = adapter.load_all()
-        masks = masks_from_zeros(adapter)
+        masks = masks_from_zeros(block_linears(adapter))
         attachment = make_correction(params).attach(model, masks, CorrectionOptions(rank=4),
                                                     torch.Generator().manual_seed(0))
         with torch.no_grad():

@@ -680,18 +680,6 @@ def test_prefetching_on_the_cpu_gives_the_same_files(tiny_checkpoint, prune_tiny
         assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
 
 
-def test_zero_count_counts_both_zeros_in_row_chunks(monkeypatch):
-    """The report's zero count: +0.0 and −0.0, on the bits, a chunk of rows at a time."""
-    from reconstruct.pruning import base
-
-    monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 3 * 40)  # chunks of 3 rows, the last one short
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        weight = torch.randn(10, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
-        weight[weight.abs() < 0.6] = 0
-        weight[0, :5] = -0.0
-        assert driver_module.zero_count(weight) == int((weight == 0).sum()), dtype
-
-
 def test_read_gives_the_stored_bytes_in_memory_of_its_own(tmp_path):
     """CheckpointReader.read (a block's weights) reads each tensor at the offsets of the shard's
     header: the bytes `get`'s memory-mapped view shows, for every dtype and shape, and writing into
