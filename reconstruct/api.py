@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .config import ConfigError, RetrainConfig, RunConfig
 from .driver import run as run_pruning
-from .retrain import run as run_retraining
+from .retraining import run as run_retraining
 
 
 def prune(model: str, out: str, *, startup_s: float = 0.0, **settings) -> dict:

@@ -164,7 +164,7 @@ def speed_worker(args) -> None:
 
     from reconstruct.corrections import CorrectionOptions, make_correction
     from reconstruct.memory import peak_rss_bytes
-    from reconstruct.retrain import next_token_loss_sum
+    from reconstruct.retraining.losses import next_token_loss_sum
 
     name, _, checkpointing = args.config.partition("+gc")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
