@@ -28,6 +28,7 @@ whole on every rank's host for the merge, and rank 0 writes it.
     trainer.py   Retrainer: set-up, the training loop, the held-out loss, the never-worse merge, writing
     state.py     the resumable training state (saved, resumed), stopping on Ctrl-C
     report.py    report.json's contents and loss.png
+    sharding.py  --fsdp: the model sharded, and how the corrections reach its sharded parameters
 """
 from __future__ import annotations
 

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
 from ..config import RetrainConfig
-from ..corrections import CorrectionOptions, make_correction
+from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..models import UnsupportedModelError, open_model
@@ -23,6 +22,7 @@ from .inputs import (check_correction_against_model, open_teacher, parameter_cou
                      sparsity_of, training_data)
 from .losses import distillation_sum, next_token_loss_sum
 from .report import final_report, plot_losses
+from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,9 @@ class Retrainer:
         self.device = torch.device(config.device)
         self.started = time.perf_counter()
         self.correction = make_correction(config.params)
-        self.options = CorrectionOptions(rank=config.rank, alpha=config.alpha)
+        # Under --fsdp the corrections reach the parameters FSDP holds as shards their own way
+        access = ShardedParameterAccess() if self.sharded else ParameterAccess()
+        self.options = CorrectionOptions(rank=config.rank, alpha=config.alpha, parameter_access=access)
 
     # -- set-up: every check before any work -----------------------------------------------------------
     def open(self) -> None:
@@ -128,20 +130,12 @@ class Retrainer:
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # What the optimiser updates: the attachment's parameters, or FSDP's shards of them
-        parameters = self.shard() if self.sharded else self.attachment.trainable
+        parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device)
+                      if self.sharded else self.attachment.trainable)
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.training = TrainingState(
             parameters, optimizer, linear_schedule(optimizer, config.steps, config.warmup),
             torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None)
-
-    def shard(self) -> list[nn.Parameter]:
-        """--fsdp: shard the model (correction attached) across the ranks' devices; return the trainable
-        parameters as FSDP re-registers them (sharded copies), in the attachment's order, so that the
-        optimiser's saved state is laid out as on one process."""
-        names = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
-        trainable = [names[id(p)] for p in self.attachment.trainable]
-        distributed.shard_model(self.model, self.adapter.blocks, self.device)
-        return [self.model.get_parameter(name) for name in trainable]
 
     def passes(self, windows: torch.Tensor):
         """This rank's share of `windows` in micro-batches, as (ids, counted) pairs.
