@@ -4,8 +4,11 @@ corrections fitted on calibration data (PERP), on one accelerator, with the mode
 __version__ = "0.1.0"
 
 
-def prune(model, out, **settings):
-    """See `reconstruct.api.prune`."""
-    from .api import prune as _prune
+def __getattr__(name):
+    """`reconstruct.prune(...)` and `reconstruct.retrain(...)`: `reconstruct.api`'s, imported on first
+    use, so that `import reconstruct` (and the command line's start-up) stays light."""
+    if name in ("prune", "retrain"):
+        from . import api
 
-    return _prune(model, out, **settings)
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 from . import distributed
-from .api import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig, RunConfig,
-                  default_device)
+from .config import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig,
+                     RunConfig, default_device)
 from .corrections import choices as correction_choices
 from .pruning import METHODS
 from .timing import process_age_seconds

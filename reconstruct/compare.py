@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import ConfigError
+from .config import ConfigError
 
 REPORT_NAME = "report.json"
 

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -30,10 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
-from .api import ConfigError, RunConfig
+from . import distributed
 from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
                       map_tensors)
+from .config import ConfigError, RunConfig
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .lock import run_lock
@@ -41,10 +40,11 @@ from .memory import default_activation_budget, limit_heap_fragmentation, peak_rs
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from .prefetch import BlockPrefetcher
 from .pruning import METHODS, PruningError, PruningMethod
-from .pruning.base import keep_only, row_chunks
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
+from .tensors import keep_only, zero_count
 from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
+from .versions import package_versions
 from .writer import BackgroundWrite, RunDirectory
 
 log = logging.getLogger(__name__)
@@ -792,22 +792,6 @@ def block_dtype(block: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def zero_count(weight: torch.Tensor) -> int:
-    """How many entries of a matrix are zero (+0.0 or −0.0), counted on the bits: `count_nonzero`
-    of bf16 or fp32 values is several times slower than of integers of the same width. Doubling the
-    bit pattern (wrapping) drops the sign bit, so both zeros become the integer 0 and nothing else
-    does. A chunk of rows at a time: the doubled bits are a temporary of the chunk's size, not of the
-    weight's (host memory is the limit on the CPU)."""
-    if not weight.is_floating_point():
-        return weight.numel() - int(weight.count_nonzero())
-    bits = weight.view(_SAME_WIDTH_INTEGER[weight.element_size()])
-    nonzero = sum(int((bits[rows] + bits[rows]).count_nonzero()) for rows in row_chunks(weight))
-    return weight.numel() - nonzero
-
-
-_SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def attach_point(block: nn.Module, unit_name: str, masks: dict[str, torch.Tensor]):
     """Where a unit's correction is attached, and the masks named relative to that module.
 
@@ -844,10 +828,3 @@ def _spread(items: list[int], size: int) -> list[list[int]]:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
-
-
-def package_versions() -> dict:
-    import transformers
-
-    return {"reconstruct": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}

@@ -45,7 +45,8 @@ LR_SWEEP = ("llama:wanda0.7:masklora:3e-3 llama:wanda0.7:masklora:3e-4 llama:wan
 # --------------------------------------------------------------------------------------------------
 # Quality
 def quality(args) -> None:
-    from reconstruct.api import RETRAIN_DEFAULT_LR, prune, retrain
+    from reconstruct.api import prune, retrain
+    from reconstruct.config import RETRAIN_DEFAULT_LR
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,7 @@ def speed_worker(args) -> None:
 
     from reconstruct.corrections import CorrectionOptions, make_correction
     from reconstruct.memory import peak_rss_bytes
-    from reconstruct.retrain import next_token_loss_sum
+    from reconstruct.retraining.losses import next_token_loss_sum
 
     name, _, checkpointing = args.config.partition("+gc")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -89,7 +89,7 @@ def prune_tiny(sample_text, token_cache):
 @pytest.fixture(scope="session")
 def run_tiny(sample_text, token_cache):
     """`run_tiny(model_dir, out, **settings)` -> RunResult (report, out, final_activations)."""
-    from reconstruct.api import RunConfig
+    from reconstruct.config import RunConfig
     from reconstruct.driver import run
 
     def go(model, out, **settings):

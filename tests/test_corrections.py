@@ -277,7 +277,7 @@ def test_held_out_checks_keep_the_best_state_and_stop_early():
 
 
 def test_check_every_settings_are_validated():
-    from reconstruct.api import ConfigError, RunConfig
+    from reconstruct.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="check-every"):
         RunConfig(model="m", out="o", check_every=-1).validate()
@@ -300,7 +300,7 @@ def test_mixed_target_is_the_midpoint_of_the_two_targets():
 
 
 def test_default_target_and_alpha_follow_the_granularity_and_rank():
-    from reconstruct.api import ConfigError, RunConfig
+    from reconstruct.config import ConfigError, RunConfig
 
     config = RunConfig(model="m", out="o").validate()
     assert (config.fit_target, config.rank, config.lora_alpha) == ("dense", 64, 128.0)

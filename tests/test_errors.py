@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from calib import CalibrationError
-from reconstruct.api import ConfigError
+from reconstruct.config import ConfigError
 from reconstruct.cli import EXIT_BAD_INPUT, main
 from reconstruct.corrections import CorrectionError
 from reconstruct.models import CheckpointError, UnsupportedModelError

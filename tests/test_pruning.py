@@ -136,6 +136,7 @@ def test_wanda_and_magnitude_masks_directly():
 @pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)], ids=["unstructured", "2of4"])
 def test_wanda_selects_the_same_in_row_chunks(pattern, monkeypatch):
     """Wanda scores a few rows at a time (bounded scratch memory): the mask is the one made at once."""
+    from reconstruct import tensors
     from reconstruct.pruning import base
 
     g = torch.Generator().manual_seed(2)
@@ -143,8 +144,8 @@ def test_wanda_selects_the_same_in_row_chunks(pattern, monkeypatch):
     stats = InputStatistics(64, "cpu", with_hessian=False)
     stats.add_tokens(torch.randn(50, 64, generator=g) * torch.linspace(0.1, 3, 64))
     whole = base.row_mask(weight.abs().float() * stats.column_norms[None, :], 0.5, pattern)
-    monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 5 * 64)  # 8 chunks, the last one short
-    assert len(base.row_chunks(weight)) == 8
+    monkeypatch.setattr(tensors, "ROW_CHUNK_ELEMENTS", 5 * 64)  # 8 chunks, the last one short
+    assert len(tensors.row_chunks(weight)) == 8
     pruned = weight.clone()
     result = METHODS["wanda"].prune(pruned, stats, 0.5, pattern)
     assert torch.equal(result.mask, whole)
@@ -178,25 +179,6 @@ def test_row_selection_is_the_same_on_several_threads(threads):
     reference = scores > torch.kthvalue(scores, 20, dim=1, keepdim=True).values
     assert torch.equal(keep, reference)
     assert torch.equal(kept, reference.sum(dim=1))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_keep_only_writes_the_bytes_of_masked_fill(dtype):
-    """Zeroing through the weights' integer bits gives masked_fill_'s bytes: +0.0 where pruned (also
-    for negative weights, NaN and inf), every kept value untouched, NaN included."""
-    from reconstruct.pruning.base import keep_only
-
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(16, 32, generator=g).to(dtype)
-    weight[0, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, float("inf")]).to(dtype)
-    weight[1, :4] = weight[0, :4]
-    keep = torch.rand(16, 32, generator=g) > 0.5
-    keep[0, :4], keep[1, :4] = False, True
-    integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
-    expected = weight.clone().masked_fill_(~keep, 0)
-    result = keep_only(weight.clone(), keep)
-    assert torch.equal(result.view(integer), expected.view(integer))
-    assert (result[~keep].view(integer) == 0).all()  # +0.0, never -0.0
 
 
 @pytest.mark.parametrize("count", [0, 1, 13, 32, 63])

@@ -19,10 +19,13 @@ import pytest
 import torch
 
 from conftest import saved_tensors, wait_until_locked
-from reconstruct.api import RETRAIN_PARAMS, ConfigError, retrain
+from reconstruct.api import retrain
+from reconstruct.config import RETRAIN_PARAMS, ConfigError
 from reconstruct.corrections import CorrectionError, CorrectionOptions, make_correction
 from reconstruct.models import CheckpointError, UnsupportedModelError, open_model
-from reconstruct.retrain import TrainingError, masks_from_zeros
+from reconstruct.retraining import TrainingError
+from reconstruct.retraining.inputs import prunable_linears_by_name
+from reconstruct.tensors import masks_from_zeros
 
 SEQLEN = 32
 
@@ -103,7 +106,7 @@ def test_merged_model_computes_what_the_trained_one_did(pruned_models):
     for params in [p for p in RETRAIN_PARAMS if p != "lora-prune"]:
         adapter = open_model(pruned_models["opt"][1])
         model = adapter.load_all()
-        masks = masks_from_zeros(adapter)
+        masks = masks_from_zeros(prunable_linears_by_name(adapter))
         attachment = make_correction(params).attach(model, masks, CorrectionOptions(rank=4),
                                                     torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -345,9 +348,9 @@ def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text,
                                                      monkeypatch):
     """The loss turns NaN at step 3 (as an overflow would make it): the run stops with the step named,
     applies nothing of that step, and keeps the last saved state for inspection; no OUT appears."""
-    import reconstruct.retrain as retrain_module
+    from reconstruct.retraining import trainer
 
-    real_loss, calls = retrain_module.next_token_loss_sum, []
+    real_loss, calls = trainer.next_token_loss_sum, []
 
     def loss_that_overflows(logits, ids):
         calls.append(1)
@@ -355,7 +358,7 @@ def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text,
         # Calls: held-out loss at step 0, steps 1 and 2, held-out loss at step 2, then step 3.
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(retrain_module, "next_token_loss_sum", loss_that_overflows)
+    monkeypatch.setattr(trainer, "next_token_loss_sum", loss_that_overflows)
     with pytest.raises(TrainingError, match=r"not finite at step 3 .*last good state \(step 2\).*Lower --lr"):
         retrain(pruned_models["llama"][1], tmp_path / "out", **settings(sample_text, token_cache, steps=10))
     assert not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ Adding a correction: a new file here with a `Correction` subclass decorated by `
 import below. Combinations are names joined by "+", e.g. "masklora+norm" (PERP's reconstruction) or
 "bias+norm".
 """
-from .base import Attachment, Correction, CorrectionError, CorrectionOptions, combine
+from .base import Attachment, Correction, CorrectionError, CorrectionOptions, ParameterAccess, combine
 
 CORRECTIONS: dict[str, type[Correction]] = {}
 
@@ -49,4 +49,4 @@ def make_correction(name: str) -> Correction | None:
 
 
 __all__ = ["Attachment", "CORRECTIONS", "Correction", "CorrectionError", "CorrectionOptions",
-           "choices", "make_correction", "register"]
+           "ParameterAccess", "choices", "make_correction", "register"]

@@ -6,6 +6,10 @@ weights of the storage dtype, leaving ordinary modules behind (as PEFT's tuner l
 `merged_view()` the unit computes exactly what it will compute once merged, so the never-worse guard
 can judge the merged result before anything is merged; `discard()` removes a correction that failed,
 leaving the unit as it was (no copy of the pruned weights is needed to undo it).
+
+A model wrapper that registers its own copies of the parameters tells the corrections how to reach
+them through `CorrectionOptions.parameter_access`; the default is plain parameters, swapped with
+`setattr`.
 """
 from __future__ import annotations
 
@@ -16,17 +20,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..distributed import is_sharded
-
 
 class CorrectionError(ValueError):
     """A correction that cannot apply to this model (e.g. bias training on a model without biases)."""
+
+
+def frozen_copy(parameter: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
+    """`parameter`'s values in `dtype` (the storage dtype: what a merge writes), not trainable."""
+    return nn.Parameter(parameter.detach().to(dtype), requires_grad=False)
+
+
+class ParameterAccess:
+    """How a correction computes for a while with a trained parameter rounded to its storage dtype
+    (`merged_view()`): by default a rounded copy is set in the module in its place, and the
+    parameter put back afterwards."""
+
+    @contextmanager
+    def rounded(self, module: nn.Module, leaf: str, dtype: torch.dtype):
+        """Within the context, `module` computes with its parameter `leaf` rounded to `dtype`."""
+        parameter = getattr(module, leaf)
+        setattr(module, leaf, frozen_copy(parameter, dtype))
+        try:
+            yield
+        finally:
+            setattr(module, leaf, parameter)
 
 
 @dataclass(frozen=True)
 class CorrectionOptions:
     rank: int = 16
     alpha: float = 32.0
+    parameter_access: ParameterAccess = ParameterAccess()  # how merged_view() reaches trained parameters
 
 
 class Attachment:
@@ -136,7 +160,7 @@ def wrap_linears(unit: nn.Module, masks: dict[str, torch.Tensor], make_wrapper) 
     return Attachment(trainable, merge, discard, merged_view)
 
 
-def train_in_fp32(parameters: list[tuple[nn.Module, str]]) -> Attachment:
+def train_in_fp32(parameters: list[tuple[nn.Module, str]], access: ParameterAccess) -> Attachment:
     """Make existing parameters trainable through fp32 master copies; merging casts them back."""
     originals = []
     trainable = []
@@ -144,45 +168,25 @@ def train_in_fp32(parameters: list[tuple[nn.Module, str]]) -> Attachment:
         original = getattr(module, leaf)
         master = nn.Parameter(original.detach().float().clone(), requires_grad=True)
         setattr(module, leaf, master)
-        originals.append((module, leaf, original, master))
+        originals.append((module, leaf, original))
         trainable.append(master)
 
-    def merged(master: nn.Parameter, original: nn.Parameter) -> nn.Parameter:
-        return nn.Parameter(master.detach().to(original.dtype), requires_grad=False)
-
-    # The master is read from the module, not kept from here: FSDP (retrain --fsdp) registers its own
-    # sharded copy in its place, and gathers it back into a plain parameter before the merge.
+    # The master is read from the module, not kept from here: a model wrapper may register its own
+    # copy in its place (see ParameterAccess), and put a plain one back before the merge.
     def merge():
-        for module, leaf, original, _ in originals:
-            setattr(module, leaf, merged(getattr(module, leaf), original))
+        for module, leaf, original in originals:
+            setattr(module, leaf, frozen_copy(getattr(module, leaf), original.dtype))
 
     def discard():
-        for module, leaf, original, _ in originals:
+        for module, leaf, original in originals:
             setattr(module, leaf, original)
 
     @contextmanager
     def merged_view():
-        swapped, rounded = [], []
-        with torch.no_grad():
-            for module, leaf, original, _ in originals:
-                master = getattr(module, leaf)
-                if is_sharded(master):
-                    # FSDP registers its own gathered parameter at every forward, so a swapped one
-                    # would be ignored: round the master's values to the storage dtype in place
-                    # (the same numbers the merge writes), and restore them afterwards.
-                    rounded.append((master, master.detach().clone()))
-                    master.copy_(master.to(original.dtype).to(master.dtype))
-                else:
-                    setattr(module, leaf, merged(master, original))
-                    swapped.append((module, leaf, master))
-        try:
+        with ExitStack() as stack:
+            for module, leaf, original in originals:
+                stack.enter_context(access.rounded(module, leaf, original.dtype))
             yield
-        finally:
-            for module, leaf, master in swapped:
-                setattr(module, leaf, master)
-            with torch.no_grad():
-                for master, values in rounded:
-                    master.copy_(values)
 
     return Attachment(trainable, merge, discard, merged_view)
 

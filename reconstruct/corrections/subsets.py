@@ -20,7 +20,7 @@ class BiasOnly(Correction):
             raise CorrectionError(
                 "correction 'bias': this model's linear layers have no biases (e.g. the LLaMA family); "
                 "use --correction norm or masklora instead")
-        return train_in_fp32(biases)
+        return train_in_fp32(biases, options.parameter_access)
 
 
 @register
@@ -33,4 +33,4 @@ class NormOnly(Correction):
         if not params:
             raise CorrectionError("correction 'norm': this unit has no normalisation layers with weights "
                                   "(with --granularity sublayer/linear the norms may lie outside the unit)")
-        return train_in_fp32(params)
+        return train_in_fp32(params, options.parameter_access)

@@ -19,7 +19,8 @@ small testbed models they did, doubling the perplexity.
 import torch
 
 from . import register
-from .base import PruneResult, PruningError, PruningMethod, keep_only, row_chunks, row_mask
+from ..tensors import keep_only, row_chunks
+from .base import PruneResult, PruningError, PruningMethod, row_mask
 
 CYCLES_PER_INPUT = 50 / 4096  # the paper's 50 swap cycles, for rows of LLaMA-7B's 4096 inputs
 VARIANCE_POWER = 1.0     # growing score: contribution / variance^power (the paper's default 1)

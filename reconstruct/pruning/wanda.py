@@ -5,7 +5,8 @@ No weight update. With N:M, the M−N lowest of every M consecutive inputs in a 
 import torch
 
 from . import register
-from .base import PruneResult, PruningMethod, keep_only, row_chunks, row_mask
+from ..tensors import keep_only, row_chunks
+from .base import PruneResult, PruningMethod, row_mask
 
 
 @register

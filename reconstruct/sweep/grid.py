@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..api import RetrainConfig, RunConfig
+from ..config import RetrainConfig, RunConfig
 
 DENSE = "dense"  # the method name of a model's unpruned baseline cell
 

@@ -10,7 +10,7 @@ import yaml
 
 from calib.sources import is_hub_source, local_file
 
-from ..api import ConfigError, RetrainConfig, RunConfig, default_device
+from ..config import ConfigError, RetrainConfig, RunConfig, default_device
 from ..pruning import NMPattern, PruningError
 from .grid import GRID_OWNED_RETRAIN_SETTINGS, Grid, Named, Sparsity
 

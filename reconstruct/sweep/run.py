@@ -9,7 +9,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..api import ConfigError
+from ..config import ConfigError
 from ..eval import LM_EVAL_INSTALL_COMMAND
 from .cells import CellDirectory, reset_peak_memory, run_cell
 from .grid import Cell, Grid

@@ -1,0 +1,48 @@
+"""Global retraining (PERP's main experiment): the whole pruned model, the ordinary next-token loss,
+a tiny trainable subset, merged so that every zero of the checkpoint stays exactly +0.0.
+
+    model = the pruned checkpoint, any format `formats` reads; masks = its linears' zeros
+    attach the correction to the model (the same corrections/ as layer-wise repair: one big unit)
+    for each step:
+        loss = next-token cross-entropy on a batch of packed windows [+ distill · KL(teacher ‖ student)]
+        backward, AdamW step, linear schedule with warm-up
+        every --eval-every steps: held-out loss; every --save-every steps: a resumable state
+    judge the merged model on the held-out windows: merge if it is no worse than the input, else
+    keep the input's weights (never worse); write the checkpoint with prune's writer, report, plot
+
+Only the trainable parameters, their optimiser state, the data position and the random state are
+saved while training: the frozen model is the input checkpoint itself.
+
+Under torchrun every rank loads the frozen model from the checkpoint itself (no weight is ever
+broadcast), takes a contiguous share of each step's windows, and the gradients of the few trainable
+parameters are summed across ranks in one flat buffer per step: `--batch-size` is global, and the
+same command gives the same model on 1 or N ranks up to float rounding. Rank 0 writes.
+
+With --fsdp (a model that does not fit one device) the weights are sharded across the ranks with
+FSDP2 instead: each rank keeps 1/N of every parameter on its device, each block is gathered whole for
+its own forward and backward pass, and FSDP sums the gradients. At the end the model is gathered
+whole on every rank's host for the merge, and rank 0 writes it.
+
+    inputs.py    the pruned model's linears and zeros, the teacher, the training and validation windows
+    losses.py    next-token loss and distillation, as sums over tokens
+    trainer.py   Retrainer: set-up, the training loop, the held-out loss, the never-worse merge, writing
+    state.py     the resumable training state (saved, resumed), stopping on Ctrl-C
+    report.py    report.json's contents and loss.png
+    sharding.py  --fsdp: the model sharded, and how the corrections reach its sharded parameters
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import distributed
+from ..config import RetrainConfig
+from .trainer import Retrainer, RetrainResult, TrainingError
+
+
+def run(config: RetrainConfig) -> RetrainResult:
+    """Run `config`; under torchrun, as one of several data-parallel processes."""
+    with distributed.process_group(config.device) as device:
+        return Retrainer(dataclasses.replace(config, device=device)).run()
+
+
+__all__ = ["RetrainResult", "Retrainer", "TrainingError", "run"]

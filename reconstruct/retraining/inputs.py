@@ -1,0 +1,67 @@
+"""What a retraining run reads besides its settings: the pruned model's linears and their zeros, the
+dense teacher, and the training and validation windows."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config import RetrainConfig
+from ..corrections import Correction, CorrectionOptions
+from ..models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
+from ..tensors import zero_count
+
+
+def prunable_linears_by_name(adapter: ModelAdapter) -> dict[str, nn.Linear]:
+    """Every prunable linear in the decoder blocks, by name in the model."""
+    return {f"{adapter.block_name(index)}.{name}": linear
+            for index, block in enumerate(adapter.blocks) for name, linear in prunable_linears(block).items()}
+
+
+def sparsity_of(model: nn.Module, names) -> dict[str, float]:
+    sparsity = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        sparsity[name] = zero_count(weight) / weight.numel()
+    return sparsity
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied parameters once
+
+
+def check_correction_against_model(adapter: ModelAdapter, correction: Correction, options: CorrectionOptions) -> None:
+    """A trial attachment to a weightless copy of the model: `--params bias` on a model without
+    biases fails here, before any weight is read."""
+    trial = copy.deepcopy(adapter.model)
+    masks = {name: torch.ones(linear.weight.shape, dtype=torch.bool, device="meta")
+             for name, linear in prunable_linears_by_name(adapter).items()}
+    correction.attach(trial, masks, options, torch.Generator())
+
+
+def open_teacher(config: RetrainConfig, student: ModelAdapter) -> nn.Module:
+    """The dense teacher, frozen, in its own dtype on --teacher-device. It costs one more copy of
+    the model's weights in memory (no optimiser state, no activations kept for backward)."""
+    teacher = open_model(config.teacher, config.torch_dtype)
+    student_vocab = student.model.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+    if student_vocab != teacher_vocab:
+        raise UnsupportedModelError(
+            f"--teacher {config.teacher} has a vocabulary of {teacher_vocab} tokens, the student "
+            f"{student_vocab}: distillation compares their next-token distributions, so they must "
+            "share a tokenizer (use the dense model the student was pruned from)")
+    model = teacher.load_all().to(config.teacher_device or config.device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def training_data(config: RetrainConfig, adapter: ModelAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, validation windows): packed token windows, the validation ones from
+    documents never trained on."""
+    import calib
+
+    tokenizer = tokenizer_for_data(config.tokenizer or adapter.checkpoint.directory)
+    return calib.training_windows(config.data, tokenizer, config.steps * config.batch_size,
+                                  config.eval_windows, config.seqlen, seed=config.seed,
+                                  text_field=config.text_field, cache_dir=config.cache_dir)

@@ -1,0 +1,45 @@
+"""`retrain --fsdp`: the model, correction attached, sharded across the ranks (FSDP2), and how the
+corrections reach parameters that FSDP holds as shards."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..corrections import ParameterAccess
+
+
+class ShardedParameterAccess(ParameterAccess):
+    """FSDP registers its own gathered parameter at every forward, so a rounded copy set in a sharded
+    parameter's place would be ignored: the sharded parameter's values are rounded to the storage
+    dtype in place instead (the same numbers the merge writes), and restored afterwards. A parameter
+    that is not sharded is swapped as usual."""
+
+    @contextmanager
+    def rounded(self, module: nn.Module, leaf: str, dtype: torch.dtype):
+        parameter = getattr(module, leaf)
+        if not distributed.is_sharded(parameter):
+            with super().rounded(module, leaf, dtype):
+                yield
+            return
+        with torch.no_grad():
+            values = parameter.detach().clone()
+            parameter.copy_(parameter.to(dtype).to(parameter.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                parameter.copy_(values)
+
+
+def shard_trainable(model: nn.Module, trainable: list[nn.Parameter], blocks,
+                    device: torch.device) -> list[nn.Parameter]:
+    """Shard `model` (correction attached) across the ranks' devices; return the `trainable`
+    parameters as FSDP re-registers them (sharded copies), in the same order, so that the
+    optimiser's saved state is laid out as on one process."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    trainable_names = [names[id(p)] for p in trainable]
+    distributed.shard_model(model, blocks, device)
+    return [model.get_parameter(name) for name in trainable_names]

@@ -1,0 +1,274 @@
+"""One retraining run, start to end: the loop in the package's docstring (`reconstruct.retraining`)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..config import RetrainConfig
+from ..corrections import CorrectionOptions, ParameterAccess, make_correction
+from ..fit import autocast_for, linear_schedule
+from ..lock import run_lock
+from ..models import UnsupportedModelError, open_model
+from ..tensors import masks_from_zeros, restore_exact_zeros
+from ..writer import RunDirectory
+from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
+                     sparsity_of, training_data)
+from .losses import distillation_sum, next_token_loss_sum
+from .report import final_report, plot_losses
+from .sharding import ShardedParameterAccess, shard_trainable
+from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (a non-finite loss); the message says where and what to do."""
+
+
+@dataclass
+class RetrainResult:
+    report: dict
+    out: Path
+
+
+class Retrainer:
+    """One retraining run; `run()` is the loop in the package's docstring."""
+
+    def __init__(self, config: RetrainConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.started = time.perf_counter()
+        self.correction = make_correction(config.params)
+        # Under --fsdp the corrections reach the parameters FSDP holds as shards their own way
+        access = ShardedParameterAccess() if self.sharded else ParameterAccess()
+        self.options = CorrectionOptions(rank=config.rank, alpha=config.alpha, parameter_access=access)
+
+    # -- set-up: every check before any work -----------------------------------------------------------
+    def open(self) -> None:
+        config = self.config
+        self.adapter = open_model(config.model, config.torch_dtype)
+        check_correction_against_model(self.adapter, self.correction, self.options)
+        self.teacher = open_teacher(config, self.adapter) if config.teacher else None
+        self.model = self.adapter.load_all()
+        self.masks = masks_from_zeros(prunable_linears_by_name(self.adapter))
+        self.sparsity_before = sparsity_of(self.model, self.masks)
+        zeros = sum(self.sparsity_before[n] * m.numel() for n, m in self.masks.items())
+        if zeros == 0 and not config.allow_dense:
+            raise UnsupportedModelError(
+                f"{config.model} has no zeros in the linear layers of its blocks: it is not pruned. Prune "
+                "it first (`reconstruct prune`), or pass --allow-dense to retrain it anyway")
+        self.model_parameters = parameter_count(self.model)
+        if self.sharded:  # each rank moves only its shards to the device, in prepare_training
+            if self.compute_dtype == torch.float16:
+                raise UnsupportedModelError(
+                    "--fsdp with fp16 weights is not supported (the gradient scaler would see only this "
+                    "rank's shards); use --dtype bf16 or fp32")
+            return
+        self.model.to(self.device)
+        self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
+
+    @property
+    def sharded(self) -> bool:
+        """--fsdp with several processes (on one process there is nothing to shard)."""
+        return self.config.fsdp and distributed.world_size() > 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.adapter.storage_dtype
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self) -> RetrainResult:
+        """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
+        self.run_dir = RunDirectory(Path(self.config.out))
+        with run_lock(self.run_dir.out):  # a second run with the same --out stops before touching anything
+            return self._run()
+
+    def _run(self) -> RetrainResult:
+        config = self.config
+        self.open()
+        # Rank 0 reads the data (the token cache is written once); bad data fails before any write.
+        self.train_windows, self.validation = distributed.on_main(lambda: training_data(config, self.adapter),
+                                                                  "reading the training data")
+        resuming = distributed.on_main(lambda: self.run_dir.prepare(config.overwrite, config.resume),
+                                       "preparing the output directory")
+        self.prepare_training()
+        if resuming:
+            step = resume_training_state(self.run_dir, config, self.device, self.training)
+        else:
+            step = 0
+            self.training.history["heldout"].append([0, self.heldout_loss()])
+        self.train(step)
+        verdict = self.merge_if_not_worse()
+        report = final_report(config, verdict, self.training.history,
+                              {name: list(mask.shape) for name, mask in self.masks.items()},
+                              self.sparsity_before, sparsity_of(self.model, self.masks),
+                              trainable=self.trainable, model_parameters=self.model_parameters,
+                              sharded=self.sharded, device=self.device,
+                              wall_time_s=time.perf_counter() - self.started)
+        distributed.barrier("waiting for every rank to finish training")
+        out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
+        log.info("wrote %s", out)
+        return RetrainResult(report, out)
+
+    def prepare_training(self) -> None:
+        """The correction attached, its optimiser, schedule and gradient scaler; the random state."""
+        config = self.config
+        torch.manual_seed(config.seed + distributed.rank())  # dropout, where the model has any
+        self.attachment = self.correction.attach(self.model, self.masks, self.options,
+                                                 torch.Generator().manual_seed(config.seed))
+        self.model.requires_grad_(False)
+        for parameter in self.attachment.trainable:
+            parameter.requires_grad_(True)
+        self.trainable = sum(p.numel() for p in self.attachment.trainable)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # What the optimiser updates: the attachment's parameters, or FSDP's shards of them
+        parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device)
+                      if self.sharded else self.attachment.trainable)
+        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.training = TrainingState(
+            parameters, optimizer, linear_schedule(optimizer, config.steps, config.warmup),
+            torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None)
+
+    def passes(self, windows: torch.Tensor):
+        """This rank's share of `windows` in micro-batches, as (ids, counted) pairs.
+
+        Under --fsdp every rank must run as many passes as the busiest one (each pass gathers every
+        block's weights with collectives): a rank with fewer windows adds passes on windows[:1]
+        whose results are not counted."""
+        size = self.config.micro_batch_size
+        own = distributed.shard(len(windows))
+        passes = [(micro, True) for micro in windows[own.start:own.stop].split(size)]
+        if self.sharded:
+            busiest = math.ceil(math.ceil(len(windows) / distributed.world_size()) / size)
+            passes += [(windows[:1], False)] * (busiest - len(passes))
+        return [(ids.to(self.device), counted) for ids, counted in passes]
+
+    # -- training ------------------------------------------------------------------------------------
+    def train(self, first_step: int) -> None:
+        config, history = self.config, self.training.history
+        progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
+                        desc=f"retrain {config.params}", unit="step",
+                        disable=None if distributed.is_main() else True)
+        tokens_per_step = config.batch_size * config.seqlen
+        self.model.train()
+        with stop_requests() as stop:
+            for step in progress:
+                started = time.perf_counter()
+                loss = self.train_step(step)
+                rate = tokens_per_step / (time.perf_counter() - started)
+                history["step"].append(step + 1)
+                history["loss"].append(loss)
+                history["tokens_per_s"].append(rate)
+                if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                    history["heldout"].append([step + 1, self.heldout_loss()])
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+                # Ctrl-C reaches the ranks at different moments: they stop together, after the same step.
+                if distributed.sum_floats([len(stop)], "agreeing whether to stop")[0] > 0:
+                    self.save_state(step + 1)
+                    raise KeyboardInterrupt
+                if config.save_every and (step + 1) % config.save_every == 0:
+                    self.save_state(step + 1)
+        if config.save_every and first_step < config.steps:
+            self.save_state(config.steps)  # a run killed while writing resumes here
+
+    def save_state(self, step: int) -> None:
+        save_training_state(self.run_dir, self.config, self.device, self.training, step)
+
+    def train_step(self, step: int) -> float:
+        """One optimisation step on windows step·B … (step+1)·B; returns the loss (per token)."""
+        config, training = self.config, self.training
+        batch = self.train_windows[step * config.batch_size:(step + 1) * config.batch_size]
+        tokens = batch[:, 1:].numel()  # of the whole batch, on every rank: the loss is one mean
+        training.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for ids, counted in self.passes(batch):  # this rank's contiguous share of the windows
+            with autocast_for(self.device, self.compute_dtype):
+                logits = self.model(input_ids=ids, use_cache=False).logits
+            loss = next_token_loss_sum(logits, ids)
+            if self.teacher is not None:
+                loss = loss + config.distill * distillation_sum(logits, self.teacher_logits(ids))
+            loss = loss / tokens if counted else loss * 0.0  # an uncounted pass adds zero gradients
+            (training.scaler.scale(loss) if training.scaler else loss).backward()
+            total += loss.item()
+            del logits, loss
+        if self.sharded:  # FSDP summed the gradients during backward
+            total = distributed.sum_floats([total], "summing the loss")[0]
+        else:
+            total = distributed.sum_gradients(training.parameters, [total])[0]
+        if not math.isfinite(total):
+            saved = saved_step(self.run_dir)
+            raise TrainingError(
+                f"the loss is not finite at step {step + 1} ({total}); nothing of this step was applied. "
+                + (f"The last good state (step {saved}) is kept in {self.run_dir.work}. " if saved else "")
+                + "Lower --lr (or use bf16 instead of fp16) and run again with --overwrite")
+        if training.scaler:
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
+        else:
+            training.optimizer.step()
+        training.scheduler.step()
+        return total
+
+    @torch.no_grad()
+    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        teacher_device = next(self.teacher.parameters()).device
+        with autocast_for(teacher_device, next(self.teacher.parameters()).dtype):
+            return self.teacher(input_ids=ids.to(teacher_device), use_cache=False).logits.to(self.device)
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        """Mean next-token loss on the validation windows (documents never trained on)."""
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for ids, counted in self.passes(self.validation):
+            with autocast_for(self.device, self.compute_dtype):
+                loss = float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
+            total += loss if counted else 0.0
+        self.model.train(was_training)
+        total = distributed.sum_floats([total], "summing the held-out loss")[0]
+        return total / self.validation[:, 1:].numel()
+
+    # -- the end -------------------------------------------------------------------------------------
+    def merge_if_not_worse(self) -> dict:
+        """Judge the model exactly as it would be written; merge the correction only if its held-out loss
+        is finite and no worse than the input's (the never-worse guard), else keep the input's weights."""
+        before = self.training.history["heldout"][0][1]
+        with self.attachment.merged_view():
+            after = self.heldout_loss()
+        merged = math.isfinite(after) and after <= before
+        if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
+            distributed.unshard_model_(self.model, "cpu")
+            self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
+        if merged:
+            self.attachment.merge()
+        else:
+            self.attachment.discard()
+            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
+                        "written unchanged; try a lower --lr", before, after)
+        self.model.requires_grad_(False)
+        self.training.history["heldout"].append([self.config.steps, after])
+        kept_rounded = restore_exact_zeros(self.model, self.masks)
+        return {"merged": merged, "heldout_before": before, "heldout_after": after,
+                "kept_weights_rounded_to_zero": kept_rounded}
+
+    def write(self, report: dict) -> Path:
+        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names,
+        the plot, then the index, config, tokenizer and report: OUT.partial becomes OUT."""
+        adapter, total = self.adapter, self.adapter.num_blocks + 1
+        shards = []
+        for index in range(adapter.num_blocks):
+            shards.append(self.run_dir.shard_name(index, total))
+            self.run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
+        shards.append(self.run_dir.shard_name(adapter.num_blocks, total))
+        self.run_dir.save_shard(shards[-1], adapter.non_block_tensors())
+        plot_losses(report, self.run_dir.work / "loss.png")
+        return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)

@@ -1,0 +1,55 @@
+"""reconstruct.tensors: zeroing a weight outside its mask, counting its zeros, and a mask's zero set
+made exact again after a merge."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reconstruct import tensors
+from reconstruct.tensors import keep_only, masks_from_zeros, restore_exact_zeros, zero_count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_keep_only_writes_the_bytes_of_masked_fill(dtype):
+    """Zeroing through the weights' integer bits gives masked_fill_'s bytes: +0.0 where pruned (also
+    for negative weights, NaN and inf), every kept value untouched, NaN included."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, generator=g).to(dtype)
+    weight[0, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, float("inf")]).to(dtype)
+    weight[1, :4] = weight[0, :4]
+    keep = torch.rand(16, 32, generator=g) > 0.5
+    keep[0, :4], keep[1, :4] = False, True
+    integer = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+    expected = weight.clone().masked_fill_(~keep, 0)
+    result = keep_only(weight.clone(), keep)
+    assert torch.equal(result.view(integer), expected.view(integer))
+    assert (result[~keep].view(integer) == 0).all()  # +0.0, never -0.0
+
+
+def test_zero_count_counts_both_zeros_in_row_chunks(monkeypatch):
+    """The report's zero count: +0.0 and −0.0, on the bits, a chunk of rows at a time."""
+    monkeypatch.setattr(tensors, "ROW_CHUNK_ELEMENTS", 3 * 40)  # chunks of 3 rows, the last one short
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        weight = torch.randn(10, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+        weight[weight.abs() < 0.6] = 0
+        weight[0, :5] = -0.0
+        assert zero_count(weight) == int((weight == 0).sum()), dtype
+
+
+def test_restore_exact_zeros_makes_the_zero_set_the_mask():
+    """After a merge: pruned entries are +0.0 again (a −0.0 or a moved value included), and a kept
+    weight that rounded to zero becomes the dtype's smallest normal number, counted."""
+    model = nn.Sequential(nn.Linear(8, 4, bias=False)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0
+    masks = masks_from_zeros({"0": model[0]})
+    assert masks["0"].sum() == 16
+    with torch.no_grad():
+        model[0].weight[0, 0] = -0.0   # pruned, as −0.0
+        model[0].weight[1, 1] = 0.5    # pruned, moved by a correction
+        model[0].weight[2, 5] = 0.0    # kept, rounded to zero
+    assert restore_exact_zeros(model, masks) == 1
+    weight = model[0].weight.detach()
+    assert (weight[~masks["0"]].view(torch.int16) == 0).all()
+    assert weight[2, 5] == torch.finfo(torch.bfloat16).tiny and zero_count(weight) == 16
