@@ -34,6 +34,7 @@ from . import __version__, distributed
 from .api import ConfigError, RunConfig
 from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
                       map_tensors)
+from .checkpoint import BackgroundWrite, RunDirectory
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
 from .lock import run_lock
@@ -45,7 +46,6 @@ from .pruning.base import keep_only, row_chunks
 from .stats import StatisticsCollector
 from .store import ActivationStore, StoreFactory
 from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
-from .writer import BackgroundWrite, RunDirectory
 
 log = logging.getLogger(__name__)
 

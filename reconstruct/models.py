@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .writer import SAFETENSORS_DTYPES, StreamedTensor
+from .checkpoint import SAFETENSORS_DTYPES, StreamedTensor
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .api import RetrainConfig
+from .checkpoint import RunDirectory
 from .corrections import CorrectionOptions, make_correction
 from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
@@ -49,7 +50,6 @@ from .lock import run_lock
 from .memory import peak_rss_bytes
 from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from .pruning.base import keep_only
-from .writer import RunDirectory
 
 log = logging.getLogger(__name__)
 

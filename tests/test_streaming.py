@@ -21,11 +21,11 @@ from safetensors.torch import save_file
 from reconstruct import driver as driver_module
 from reconstruct import memory as memory_module
 from reconstruct import store as store_module
-from reconstruct import writer as writer_module
 from reconstruct.api import RunConfig, prune
+from reconstruct.checkpoint import OutputError
+from reconstruct.checkpoint import writer as writer_module
 from reconstruct.models import CheckpointError, CheckpointReader, ModelAdapter
 from reconstruct.tiny import save_tiny_model, write_sample_text
-from reconstruct.writer import OutputError
 
 BLOCKS = 3
 SHARDS = BLOCKS + 1  # one per block, then the non-block tensors
@@ -233,7 +233,7 @@ def test_safetensors_writer_round_trip(dtype, tmp_path):
     """The streaming writer's files read back with the safetensors library, tensor for tensor."""
     from safetensors.torch import load_file
 
-    from reconstruct.writer import StreamedTensor, write_safetensors
+    from reconstruct.checkpoint import StreamedTensor, write_safetensors
 
     g = torch.Generator().manual_seed(0)
     big = (torch.randn(7, 5, generator=g) * 10).to(dtype)
@@ -721,7 +721,7 @@ def test_background_write_raises_in_the_caller_and_is_waited_for():
     import threading
     import time
 
-    from reconstruct.writer import BackgroundWrite
+    from reconstruct.checkpoint import BackgroundWrite
 
     def fail():
         raise enospc()
