@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 
 from calib import CalibrationError
 from reconstruct.api import ConfigError
-from reconstruct.checkpoint import OutputError
+from reconstruct.checkpoint import CheckpointError, OutputError
 from reconstruct.cli import EXIT_BAD_INPUT, main
 from reconstruct.corrections import CorrectionError
-from reconstruct.models import CheckpointError, UnsupportedModelError
+from reconstruct.models import UnsupportedModelError
 from reconstruct.pruning import PruningError
 
 

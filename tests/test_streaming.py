@@ -22,9 +22,9 @@ from reconstruct import driver as driver_module
 from reconstruct import memory as memory_module
 from reconstruct import store as store_module
 from reconstruct.api import RunConfig, prune
-from reconstruct.checkpoint import OutputError
+from reconstruct.checkpoint import CheckpointError, CheckpointReader, OutputError
 from reconstruct.checkpoint import writer as writer_module
-from reconstruct.models import CheckpointError, CheckpointReader, ModelAdapter
+from reconstruct.models import ModelAdapter
 from reconstruct.tiny import save_tiny_model, write_sample_text
 
 BLOCKS = 3
@@ -209,9 +209,9 @@ def test_bf16_stays_bf16_and_fp32_converts(root, text, tmp_path):
 def test_large_tensors_are_copied_a_few_rows_at_a_time(model, text, root, reference, monkeypatch, tmp_path):
     """Embeddings and head go to the output in pieces of READ_CHUNK_BYTES (a 128k-row embedding is
     GBs): with pieces of a few rows the checkpoint is byte for byte the same."""
-    from reconstruct import models as models_module
+    from reconstruct.checkpoint import safetensors as safetensors_module
 
-    monkeypatch.setattr(models_module, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(safetensors_module, "READ_CHUNK_BYTES", 1000)
     pieces: list[tuple[str, int, int]] = []
     original = CheckpointReader.get_rows
 
@@ -653,7 +653,7 @@ def test_prefetcher_reads_in_another_thread_while_the_caller_goes_on():
 
 
 def test_prefetcher_raises_a_read_error_when_the_block_is_taken():
-    from reconstruct.models import CheckpointError
+    from reconstruct.checkpoint import CheckpointError
     from reconstruct.prefetch import BlockPrefetcher
 
     def reader(index):
@@ -697,7 +697,7 @@ def test_read_gives_the_stored_bytes_in_memory_of_its_own(tmp_path):
     the result leaves the file untouched."""
     from safetensors.torch import save_file
 
-    from reconstruct.models import CheckpointReader
+    from reconstruct.checkpoint import CheckpointReader
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a.weight": torch.randn(5, 7, generator=g), "b.weight": torch.randn(3, 4, generator=g).bfloat16(),
@@ -752,7 +752,7 @@ def test_read_into_continues_after_short_reads():
     reader keeps reading until the tensor is full, and stops at the end of the file."""
     import io
 
-    from reconstruct.models import read_into
+    from reconstruct.checkpoint import read_into
 
     class ShortReads(io.BytesIO):
         def readinto(self, buffer):

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import saved_tensors
-from reconstruct.formats import BitmaskDecoder, TorchBinReader, open_checkpoint
-from reconstruct.models import CheckpointError, open_model
+from reconstruct.checkpoint import BitmaskDecoder, CheckpointError, TorchBinReader, open_checkpoint
+from reconstruct.models import open_model
 
 
 def _pruned_copy(source, directory, pattern=None, prune_head=False):
