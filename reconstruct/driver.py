@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
                       map_tensors)
+from .checkpoint import BackgroundWrite, RunDirectory
 from .config import ConfigError, RunConfig
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .fit import FitOptions, FitReport, fit_correction
@@ -45,7 +46,6 @@ from .store import ActivationStore, StoreFactory
 from .tensors import keep_only, zero_count
 from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
 from .versions import package_versions
-from .writer import BackgroundWrite, RunDirectory
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from . import distributed
-from .writer import OutputError
+from .checkpoint import OutputError
 
 
 class OutputLockedError(OutputError):

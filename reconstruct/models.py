@@ -10,30 +10,22 @@ a checkpoint names a block's tensors when that differs from the modules' names.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import os
 import re
-import struct
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .writer import SAFETENSORS_DTYPES, StreamedTensor
+from .checkpoint import CheckpointError, CheckpointReader, StreamedTensor, open_checkpoint, resolve_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
 
 class UnsupportedModelError(ValueError):
     """The model's structure is not one the engine can walk block by block."""
-
-
-class CheckpointError(ValueError):
-    """The checkpoint's files are missing, truncated, corrupted or incomplete."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,201 +39,6 @@ FAMILY_HINTS: dict[str, list[tuple[str, str]]] = {
         (r"\.mlp\.gate\.", r".block_sparse_moe.gate."),
     ],
 }
-
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
-READ_CHUNK_BYTES = 16 * 2**20  # large tensors are copied and compared in pieces of about this size
-SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
-TOKENIZER_AND_CONFIG_PATTERNS = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Locating and reading the checkpoint
-def resolve_checkpoint_dir(model: str | os.PathLike) -> Path:
-    """A local directory as is; a hub id downloaded (config, tokenizer, safetensors) to the cache."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the checkpoint's directory instead")
-        return path
-    looks_local = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
-    if looks_local:
-        raise CheckpointError(f"model path {path} does not exist; check the path, or pass a hub id "
-                              "such as meta-llama/Llama-2-7b-hf")
-    from huggingface_hub import snapshot_download
-
-    try:
-        directory = Path(snapshot_download(str(model), allow_patterns=TOKENIZER_AND_CONFIG_PATTERNS
-                                           + ["*.safetensors", "*.safetensors.index.json"]))
-        if not any(directory.glob("*.safetensors")):
-            # Older checkpoints (e.g. Wanda's and SparseGPT's outputs) have PyTorch .bin weights only.
-            directory = Path(snapshot_download(str(model), allow_patterns=["pytorch_model*.bin",
-                                                                           "pytorch_model.bin.index.json"]))
-        return directory
-    except Exception as error:  # offline, unknown repo, gated repo: all need the user's action
-        raise CheckpointError(
-            f"could not fetch {model!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
-            "Pass a local checkpoint directory, or check the name, your network and `hf auth login`."
-        ) from error
-
-
-def read_into(handle, target: memoryview) -> int:
-    """Fill `target` from a binary file's current position; returns the bytes read (fewer only at
-    the end of the file). One `readinto` may return less than asked: Linux reads at most about
-    2 GiB per call, and any read may be short."""
-    done = 0
-    while done < len(target):
-        count = handle.readinto(target[done:])
-        if not count:
-            break
-        done += count
-    return done
-
-
-class CheckpointReader:
-    """Reads individual tensors from a directory of safetensors shards, by checkpoint name."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.file_of: dict[str, str] = self._weight_map()
-        # shard -> name -> (safetensors dtype code, shape, byte range of its data): each shard's header
-        # is parsed once, for every tensor of it that `info` and `read` are asked about
-        self._layouts: dict[Path, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
-
-    def _weight_map(self) -> dict[str, str]:
-        from safetensors import safe_open
-
-        index = self.directory / "model.safetensors.index.json"
-        if index.exists():
-            return dict(json.loads(index.read_text())["weight_map"])
-        single = self.directory / "model.safetensors"
-        if single.exists():
-            try:
-                with safe_open(str(single), "pt") as shard:
-                    return {name: single.name for name in shard.keys()}
-            except Exception as error:
-                raise CheckpointError(f"{single} is not a readable safetensors file ({error}); "
-                                      "re-download or re-save the checkpoint") from error
-        raise CheckpointError(f"no weights in {self.directory} (looked for {' or '.join(WEIGHT_FILES)}, "
-                              "and pytorch_model.bin or its index); pass the checkpoint's directory")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.file_of
-
-    def dtype(self) -> torch.dtype:
-        """The storage dtype of the checkpoint's first floating-point tensor (read from the header)."""
-        for name in self.file_of:
-            dtype, _ = self.info(name)
-            if dtype.is_floating_point:
-                return dtype
-        return torch.float32
-
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """A tensor's dtype and shape, from its shard's header (no data is read), remembered: the
-        error report asks for the same tensors' row ranges at every batch."""
-        code, shape, _, _ = self._layout(name)
-        return SAFETENSORS_TO_TORCH[code], shape
-
-    def get(self, name: str) -> torch.Tensor:
-        """The whole tensor. Pages of the memory-mapped shard are read when touched, so a large
-        embedding matrix costs only the rows a forward pass looks up."""
-        with self._open(name) as handle:
-            return self._read(name, lambda: handle.get_tensor(name))
-
-    def read(self, name: str) -> torch.Tensor:
-        """The whole tensor, read from its shard now into memory of its own (a block's weights).
-
-        `get`'s tensor is a view of the memory-mapped file: a pruner that then writes into it pays a
-        copy-on-write page fault for every page it touches, which on the virtual machines we measured
-        made zeroing half of a weight matrix about 6 times slower than on private memory
-        (docs/benchmarks.md); reading the bytes with one `readinto` costs a little more than touching
-        every mapped page does, and the read happens here rather than in the first forward pass."""
-        code, shape, start, stop = self._layout(name)
-        shard = self._shard_path(name)
-        tensor = torch.empty(shape, dtype=SAFETENSORS_TO_TORCH[code])
-        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        try:
-            with open(shard, "rb", buffering=0) as handle:
-                handle.seek(start)
-                count = read_into(handle, target)
-        except OSError as error:
-            raise self._damaged(name, shard, error) from error
-        if count != stop - start or len(target) != stop - start:
-            raise self._damaged(name, shard, EOFError(f"read {count} of its {stop - start} bytes"))
-        return tensor
-
-    def _layout(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
-        """A tensor's dtype code, shape and the byte range of its data in its shard, from the shard's
-        header (8-byte length, then JSON), parsed once per shard. A header that does not fit the
-        file (a truncated or corrupted shard) is an error here, as safetensors' own open makes it."""
-        shard = self._shard_path(name)
-        if shard not in self._layouts:
-            try:
-                with open(shard, "rb") as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    length = struct.unpack("<Q", handle.read(8))[0]
-                    if length > size - 8:
-                        raise EOFError(f"the file has {size} bytes, its header claims {length}")
-                    header = json.loads(handle.read(length))
-                data = 8 + length  # the tensors' bytes follow the header; offsets count from there
-                layout = {key: (entry["dtype"], tuple(entry["shape"]), data + entry["data_offsets"][0],
-                                data + entry["data_offsets"][1])
-                          for key, entry in header.items() if key != "__metadata__"}
-                if any(stop > size for _, _, _, stop in layout.values()):
-                    raise EOFError(f"the file has {size} bytes, its header describes more")
-            except FileNotFoundError as error:
-                raise CheckpointError(f"shard {shard} listed in the index is missing; re-download it") from error
-            except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error) as error:
-                raise self._damaged(name, shard, error) from error
-            self._layouts[shard] = layout
-        if name not in self._layouts[shard]:
-            raise self._damaged(name, shard, KeyError("the shard's header does not list it"))
-        return self._layouts[shard][name]
-
-    def _shard_path(self, name: str) -> Path:
-        if name not in self.file_of:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
-                                  "the shards are incomplete or belong to another model")
-        return self.directory / self.file_of[name]
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of the tensor (its first dimension): a bounded read of a large tensor."""
-        with self._open(name) as handle:
-            return self._read(name, lambda: handle.get_slice(name)[start:stop])
-
-    def row_chunks(self, name: str, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
-        """(start, stop) row ranges of at most about `chunk_bytes` (default READ_CHUNK_BYTES) each, one
-        row at least, covering a tensor of one dimension or more."""
-        chunk_bytes = chunk_bytes or READ_CHUNK_BYTES
-        dtype, shape = self.info(name)
-        row_bytes = max(1, dtype.itemsize * math.prod(shape[1:]))
-        step = max(1, chunk_bytes // row_bytes)
-        return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
-
-    @contextmanager
-    def _open(self, name: str):
-        from safetensors import safe_open
-
-        shard = self._shard_path(name)
-        try:
-            handle = safe_open(str(shard), "pt", device="cpu")
-        except FileNotFoundError as error:
-            raise CheckpointError(f"shard {shard} listed in the index is missing; re-download it") from error
-        except Exception as error:
-            raise self._damaged(name, shard, error) from error
-        with handle:
-            yield handle
-
-    def _read(self, name: str, read):
-        try:
-            return read()
-        except Exception as error:
-            raise self._damaged(name, self.directory / self.file_of[name], error) from error
-
-    @staticmethod
-    def _damaged(name: str, shard: Path, error: Exception) -> CheckpointError:
-        return CheckpointError(f"cannot read {name!r} from {shard}: the file is truncated or "
-                               f"corrupted ({error}); re-download or re-save it")
-
 
 # --------------------------------------------------------------------------------------------------
 # Fused mixture-of-experts weights, unfused so that each expert's matrices are ordinary linears
@@ -538,8 +335,6 @@ def open_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
         config = AutoConfig.from_pretrained(directory)
     except Exception as error:
         raise UnsupportedModelError(f"cannot read a transformers config in {directory}: {error}") from error
-    from .formats import open_checkpoint  # here, not at the top: formats builds on this module's reader
-
     reader = open_checkpoint(directory)
     if getattr(reader, "sparse_format", None) and hasattr(config, "quantization_config"):
         # Decoded to dense tensors with zeros: nothing is compressed any more, and the serving stack

@@ -110,7 +110,7 @@ def _reserve(handle, nbytes: int, path: Path) -> None:
 
 def _no_space(path: Path) -> OSError:
     """A full disk, as the run's OutputError: what to do, and that finished blocks are kept."""
-    from .writer import OutputError
+    from .checkpoint import OutputError
 
     return OutputError(errno.ENOSPC, f"no space left on the device for the activations {path.name} in "
                        f"{path.parent}; free some space (or use --offload-activations ram) and rerun the "

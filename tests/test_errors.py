@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from calib import CalibrationError
+from reconstruct.checkpoint import CheckpointError, OutputError
 from reconstruct.config import ConfigError
 from reconstruct.cli import EXIT_BAD_INPUT, main
 from reconstruct.corrections import CorrectionError
-from reconstruct.models import CheckpointError, UnsupportedModelError
+from reconstruct.models import UnsupportedModelError
 from reconstruct.pruning import PruningError
-from reconstruct.writer import OutputError
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_resume_without_a_saved_state_starts_over(setup, reference):
 def test_finished_output_is_not_replaced(setup, reference):
     """A complete OUT is never touched by --resume (only --overwrite replaces it)."""
     from reconstruct.api import prune
-    from reconstruct.writer import OutputError
+    from reconstruct.checkpoint import OutputError
 
     root, model, text = setup
     before = {p.name: p.read_bytes() for p in reference.iterdir()}

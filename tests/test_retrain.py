@@ -22,7 +22,8 @@ from conftest import saved_tensors, wait_until_locked
 from reconstruct.api import retrain
 from reconstruct.config import RETRAIN_PARAMS, ConfigError
 from reconstruct.corrections import CorrectionError, CorrectionOptions, make_correction
-from reconstruct.models import CheckpointError, UnsupportedModelError, open_model
+from reconstruct.checkpoint import CheckpointError
+from reconstruct.models import UnsupportedModelError, open_model
 from reconstruct.retraining import TrainingError
 from reconstruct.retraining.inputs import prunable_linears_by_name
 from reconstruct.tensors import masks_from_zeros
@@ -160,7 +161,7 @@ def test_never_worse_keeps_the_input_when_training_hurts(pruned_models, sample_t
 def test_every_input_format_gives_the_same_model(pruned_models, sample_text, token_cache, tmp_path):
     """Our safetensors, a Wanda/SparseGPT-style fp .bin, both legacy bitmask layouts, and an lm_head
     pruned as well (llm-compressor 0.14): the same tensors in, the same model out; the head's zeros stay."""
-    from test_formats import _compress
+    from test_checkpoint import _compress
 
     from safetensors.torch import save_file
 
@@ -204,7 +205,7 @@ def test_every_input_format_gives_the_same_model(pruned_models, sample_text, tok
 
 
 def test_sparse_24_bitmask_input(pruned_models, sample_text, token_cache, tmp_path, tiny_checkpoint, prune_tiny):
-    from test_formats import _compress
+    from test_checkpoint import _compress
 
     from safetensors.torch import save_file
 

@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 from reconstruct import driver as driver_module
 from reconstruct import memory as memory_module
 from reconstruct import store as store_module
-from reconstruct import writer as writer_module
 from reconstruct.api import prune
+from reconstruct.checkpoint import CheckpointError, CheckpointReader, OutputError
+from reconstruct.checkpoint import writer as writer_module
 from reconstruct.config import RunConfig
-from reconstruct.models import CheckpointError, CheckpointReader, ModelAdapter
+from reconstruct.models import ModelAdapter
 from reconstruct.tiny import save_tiny_model, write_sample_text
-from reconstruct.writer import OutputError
 
 BLOCKS = 3
 SHARDS = BLOCKS + 1  # one per block, then the non-block tensors
@@ -210,9 +210,9 @@ def test_bf16_stays_bf16_and_fp32_converts(root, text, tmp_path):
 def test_large_tensors_are_copied_a_few_rows_at_a_time(model, text, root, reference, monkeypatch, tmp_path):
     """Embeddings and head go to the output in pieces of READ_CHUNK_BYTES (a 128k-row embedding is
     GBs): with pieces of a few rows the checkpoint is byte for byte the same."""
-    from reconstruct import models as models_module
+    from reconstruct.checkpoint import safetensors as safetensors_module
 
-    monkeypatch.setattr(models_module, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(safetensors_module, "READ_CHUNK_BYTES", 1000)
     pieces: list[tuple[str, int, int]] = []
     original = CheckpointReader.get_rows
 
@@ -227,32 +227,6 @@ def test_large_tensors_are_copied_a_few_rows_at_a_time(model, text, root, refere
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     assert len(head) > 1 and head[0][0] == 0 and head[-1][1] == vocab
     assert all(a[1] == b[0] for a, b in zip(head, head[1:]))  # contiguous, each row once
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.bool])
-def test_safetensors_writer_round_trip(dtype, tmp_path):
-    """The streaming writer's files read back with the safetensors library, tensor for tensor."""
-    from safetensors.torch import load_file
-
-    from reconstruct.writer import StreamedTensor, write_safetensors
-
-    g = torch.Generator().manual_seed(0)
-    big = (torch.randn(7, 5, generator=g) * 10).to(dtype)
-    tensors = {"whole": (torch.randn(3, 4, generator=g) * 10).to(dtype),
-               "scalar": torch.tensor(3).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype),
-               "streamed": StreamedTensor(dtype, (7, 5), lambda: iter([big[:3], big[3:6], big[6:]]))}
-    write_safetensors(tmp_path / "a.safetensors", tensors)
-    loaded = load_file(tmp_path / "a.safetensors")
-    assert set(loaded) == set(tensors)
-    for name in ("whole", "scalar", "empty"):
-        assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensors[name])
-    assert torch.equal(loaded["streamed"], big)
-    with open(tmp_path / "a.safetensors", "rb") as handle:  # the format's 8-byte header alignment
-        assert int.from_bytes(handle.read(8), "little") % 8 == 0
-
-    short = StreamedTensor(dtype, (7, 5), lambda: iter([big[:3]]))
-    with pytest.raises(ValueError, match="'short': wrote .* bytes, its shape and dtype need"):
-        write_safetensors(tmp_path / "b.safetensors", {"short": short})
 
 
 def test_layer_error_meter_reads_dense_weights_in_pieces():
@@ -654,7 +628,7 @@ def test_prefetcher_reads_in_another_thread_while_the_caller_goes_on():
 
 
 def test_prefetcher_raises_a_read_error_when_the_block_is_taken():
-    from reconstruct.models import CheckpointError
+    from reconstruct.checkpoint import CheckpointError
     from reconstruct.prefetch import BlockPrefetcher
 
     def reader(index):
@@ -680,77 +654,3 @@ def test_prefetching_on_the_cpu_gives_the_same_files(tiny_checkpoint, prune_tiny
         assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
 
 
-def test_read_gives_the_stored_bytes_in_memory_of_its_own(tmp_path):
-    """CheckpointReader.read (a block's weights) reads each tensor at the offsets of the shard's
-    header: the bytes `get`'s memory-mapped view shows, for every dtype and shape, and writing into
-    the result leaves the file untouched."""
-    from safetensors.torch import save_file
-
-    from reconstruct.models import CheckpointReader
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {"a.weight": torch.randn(5, 7, generator=g), "b.weight": torch.randn(3, 4, generator=g).bfloat16(),
-               "c.bias": torch.randn(6, generator=g).half(), "d.ids": torch.arange(9),
-               "e.flag": torch.tensor([True, False]), "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4)}
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    before = (tmp_path / "model.safetensors").read_bytes()
-    reader = CheckpointReader(tmp_path)
-    for name, tensor in tensors.items():
-        read = reader.read(name)
-        assert read.dtype == tensor.dtype and read.shape == tensor.shape, name
-        assert torch.equal(read.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
-        assert torch.equal(read, reader.get(name)), name
-        read.zero_()
-    assert (tmp_path / "model.safetensors").read_bytes() == before
-
-
-def test_background_write_raises_in_the_caller_and_is_waited_for():
-    """A shard written in a thread during the replay: its error is raised by result(), in the
-    caller's thread; leaving the `with` by an exception waits for the thread first."""
-    import threading
-    import time
-
-    from reconstruct.writer import BackgroundWrite
-
-    def fail():
-        raise enospc()
-
-    failing = BackgroundWrite(fail)
-    with pytest.raises(OSError) as caught:
-        failing.result()
-    assert caught.value.errno == errno.ENOSPC
-
-    finished = threading.Event()
-
-    def slow():
-        time.sleep(0.2)
-        finished.set()
-
-    with pytest.raises(KeyError):
-        with BackgroundWrite(slow):
-            raise KeyError("the replay failed")
-    assert finished.is_set()  # not still writing behind the caller
-
-    called = []
-    BackgroundWrite(lambda: called.append(1), enabled=False).result()
-    assert called == []
-
-
-def test_read_into_continues_after_short_reads():
-    """One readinto may return fewer bytes than asked (Linux caps one read at about 2 GiB): the
-    reader keeps reading until the tensor is full, and stops at the end of the file."""
-    import io
-
-    from reconstruct.models import read_into
-
-    class ShortReads(io.BytesIO):
-        def readinto(self, buffer):
-            return super().readinto(memoryview(buffer)[:3])  # at most 3 bytes per call
-
-    data = bytes(range(20))
-    target = bytearray(11)
-    handle = ShortReads(data)
-    handle.seek(4)
-    assert read_into(handle, memoryview(target)) == 11
-    assert bytes(target) == data[4:15]
-    assert read_into(ShortReads(data[:5]), memoryview(bytearray(8))) == 5  # a truncated file

@@ -1,7 +1,7 @@
 """Global retraining (PERP's main experiment): the whole pruned model, the ordinary next-token loss,
 a tiny trainable subset, merged so that every zero of the checkpoint stays exactly +0.0.
 
-    model = the pruned checkpoint, any format `formats` reads; masks = its linears' zeros
+    model = the pruned checkpoint, any format `checkpoint` reads; masks = its linears' zeros
     attach the correction to the model (the same corrections/ as layer-wise repair: one big unit)
     for each step:
         loss = next-token cross-entropy on a batch of packed windows [+ distill · KL(teacher ‖ student)]

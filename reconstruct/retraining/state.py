@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import RetrainConfig
-from ..writer import RunDirectory
+from ..checkpoint import RunDirectory
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..models import UnsupportedModelError, open_model
 from ..tensors import masks_from_zeros, restore_exact_zeros
-from ..writer import RunDirectory
+from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
                      sparsity_of, training_data)
 from .losses import distillation_sum, next_token_loss_sum

@@ -1,50 +1,24 @@
-"""Checkpoints pruned elsewhere: PyTorch `.bin` weights and the legacy compressed-tensors bitmasks.
+"""The legacy compressed-tensors bitmask formats, decoded a tensor (or a range of its rows) at a time.
 
-Every reader here answers the same questions as `models.CheckpointReader` (safetensors shards):
-which tensor names exist (`file_of`), a tensor's dtype and shape (`info`), the whole tensor (`get`)
-or a range of its rows (`get_rows`). `open_checkpoint` picks the reader for a directory, so `prune`,
-`prune --masks-from` and `retrain` read every format through one door.
-
-* Wanda's and SparseGPT's reference code saved `pytorch_model*.bin` files (pickles). They are read
-  with `torch.load(weights_only=True)`: tensors only, never a full unpickle of foreign code.
-* llm-compressor <= 0.10 saved `sparse-bitmask` / `sparse-24-bitmask` tensors (compressed-tensors
-  <= 0.14), which today's compressed-tensors cannot decode and transformers 5 refuses to load. They
-  are decoded here, a tensor at a time, into the dense matrix with exact zeros that it stands for.
+llm-compressor <= 0.10 saved `sparse-bitmask` / `sparse-24-bitmask` tensors (compressed-tensors
+<= 0.14), which today's compressed-tensors cannot decode and transformers 5 refuses to load. They are
+decoded here, a tensor at a time, into the dense matrix with exact zeros that it stands for.
 """
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models import READ_CHUNK_BYTES, CheckpointError, CheckpointReader
+from .errors import CheckpointError
+from .safetensors import READ_CHUNK_BYTES, CheckpointReader
 
-log = logging.getLogger(__name__)
-
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 BITMASK_FORMATS = ("sparse-bitmask", "sparse-24-bitmask")
 # The parts a compressed module is stored as: <module>.shape, .compressed, .bitmask (, .row_offsets).
 # compressed-tensors <= 0.8 named them <module>.weight.shape etc.
 BITMASK_PARTS = ("shape", "compressed", "bitmask", "row_offsets")
-
-
-def open_checkpoint(directory: Path):
-    """The reader for a checkpoint directory: safetensors shards, else `.bin` pickles, decoded through
-    the bitmask layer when the checkpoint holds compressed-tensors' legacy sparse formats."""
-    has_safetensors = any((directory / name).exists()
-                          for name in ("model.safetensors", "model.safetensors.index.json"))
-    if not has_safetensors and ((directory / BIN_INDEX).exists() or (directory / BIN_SINGLE).exists()):
-        reader = TorchBinReader(directory)
-    else:
-        reader = CheckpointReader(directory)  # its error names what is missing
-    sparse_format = bitmask_format(directory)
-    if sparse_format or any(name.endswith(".bitmask") for name in reader.file_of):
-        return BitmaskDecoder(reader, sparse_format)
-    return reader
 
 
 def bitmask_format(directory: Path) -> str | None:
@@ -62,67 +36,7 @@ def bitmask_format(directory: Path) -> str | None:
     return found if found in BITMASK_FORMATS else None
 
 
-# --------------------------------------------------------------------------------------------------
-class TorchBinReader(CheckpointReader):
-    """`pytorch_model*.bin` shards, loaded tensors-only and memory-mapped (pages read when touched).
 
-    The same questions as the safetensors reader, whose dtype() and row_chunks() it shares."""
-
-    def __init__(self, directory: Path):
-        self._shards: dict[str, dict[str, torch.Tensor]] = {}  # file name -> its mapped tensors
-        super().__init__(directory)
-
-    def _weight_map(self) -> dict[str, str]:
-        index = self.directory / BIN_INDEX
-        if index.exists():
-            return dict(json.loads(index.read_text())["weight_map"])
-        return {name: BIN_SINGLE for name in self._shard(BIN_SINGLE)}
-
-    def _shard(self, filename: str) -> dict[str, torch.Tensor]:
-        if filename in self._shards:
-            return self._shards[filename]
-        path = self.directory / filename
-        if not path.exists():
-            raise CheckpointError(f"shard {path} listed in the index is missing; re-download it")
-        try:
-            try:
-                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                # Files in the pre-1.6 (non-zip) format cannot be memory-mapped: read them whole.
-                tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CheckpointError(
-                f"cannot read {path} as PyTorch weights with weights_only=True ({error}). reconstruct "
-                "never unpickles arbitrary objects; re-save the model with `save_pretrained` "
-                "(safetensors) in an environment you trust") from error
-        if not isinstance(tensors, dict):
-            raise CheckpointError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors")
-        self._shards[filename] = tensors
-        return tensors
-
-    def _tensor(self, name: str) -> torch.Tensor:
-        if name not in self.file_of:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
-                                  "the shards are incomplete or belong to another model")
-        return self._shard(self.file_of[name])[name]
-
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        tensor = self._tensor(name)
-        return tensor.dtype, tuple(tensor.shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name).clone()  # a private copy: the mapped pages are never written
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.get(name)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._tensor(name)[start:stop].clone()
-
-
-# --------------------------------------------------------------------------------------------------
 class BitmaskDecoder:
     """A reader over another reader that shows each compressed module as its dense `<module>.weight`.
 

@@ -20,13 +20,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import OutputError
+from .safetensors import SAFETENSORS_DTYPES
+
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
                 "added_tokens.json")
-
-
-class OutputError(OSError):
-    """The output directory cannot be written (exists, disk full, not writable)."""
 
 
 def _atomic(path: Path, write) -> None:
@@ -47,12 +46,6 @@ def _atomic(path: Path, write) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Safetensors, written tensor by tensor and chunk by chunk
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-                      torch.float8_e5m2: "F8_E5M2"}
-
-
 @dataclass
 class StreamedTensor:
     """A tensor written in chunks along its first dimension, never whole in memory (embeddings and

@@ -1,9 +1,12 @@
 """Checkpoints pruned elsewhere read as the same tensors: safetensors, PyTorch .bin (weights_only),
 the legacy compressed-tensors sparse-bitmask and sparse-24-bitmask layouts (both namings), and a
-checkpoint whose lm_head was pruned as well (llm-compressor 0.14 does that)."""
+checkpoint whose lm_head was pruned as well (llm-compressor 0.14 does that). Then the safetensors
+reader and the streaming writer on their own: every dtype, short reads, a shard written in a thread."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import shutil
 
@@ -13,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import saved_tensors
-from reconstruct.formats import BitmaskDecoder, TorchBinReader, open_checkpoint
-from reconstruct.models import CheckpointError, open_model
+from reconstruct.checkpoint import BitmaskDecoder, CheckpointError, TorchBinReader, open_checkpoint
+from reconstruct.models import open_model
 
 
 def _pruned_copy(source, directory, pattern=None, prune_head=False):
@@ -157,3 +160,107 @@ def test_unknown_sparsity_format_is_named(pruned, tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="sparse-cutlass-24"):
         open_checkpoint(directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# The safetensors reader and writer on their own
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.bool])
+def test_safetensors_writer_round_trip(dtype, tmp_path):
+    """The streaming writer's files read back with the safetensors library, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from reconstruct.checkpoint import StreamedTensor, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(7, 5, generator=g) * 10).to(dtype)
+    tensors = {"whole": (torch.randn(3, 4, generator=g) * 10).to(dtype),
+               "scalar": torch.tensor(3).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+               "streamed": StreamedTensor(dtype, (7, 5), lambda: iter([big[:3], big[3:6], big[6:]]))}
+    write_safetensors(tmp_path / "a.safetensors", tensors)
+    loaded = load_file(tmp_path / "a.safetensors")
+    assert set(loaded) == set(tensors)
+    for name in ("whole", "scalar", "empty"):
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensors[name])
+    assert torch.equal(loaded["streamed"], big)
+    with open(tmp_path / "a.safetensors", "rb") as handle:  # the format's 8-byte header alignment
+        assert int.from_bytes(handle.read(8), "little") % 8 == 0
+
+    short = StreamedTensor(dtype, (7, 5), lambda: iter([big[:3]]))
+    with pytest.raises(ValueError, match="'short': wrote .* bytes, its shape and dtype need"):
+        write_safetensors(tmp_path / "b.safetensors", {"short": short})
+
+
+def test_read_gives_the_stored_bytes_in_memory_of_its_own(tmp_path):
+    """CheckpointReader.read (a block's weights) reads each tensor at the offsets of the shard's
+    header: the bytes `get`'s memory-mapped view shows, for every dtype and shape, and writing into
+    the result leaves the file untouched."""
+    from safetensors.torch import save_file
+
+    from reconstruct.checkpoint import CheckpointReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(5, 7, generator=g), "b.weight": torch.randn(3, 4, generator=g).bfloat16(),
+               "c.bias": torch.randn(6, generator=g).half(), "d.ids": torch.arange(9),
+               "e.flag": torch.tensor([True, False]), "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    before = (tmp_path / "model.safetensors").read_bytes()
+    reader = CheckpointReader(tmp_path)
+    for name, tensor in tensors.items():
+        read = reader.read(name)
+        assert read.dtype == tensor.dtype and read.shape == tensor.shape, name
+        assert torch.equal(read.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+        assert torch.equal(read, reader.get(name)), name
+        read.zero_()
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_read_into_continues_after_short_reads():
+    """One readinto may return fewer bytes than asked (Linux caps one read at about 2 GiB): the
+    reader keeps reading until the tensor is full, and stops at the end of the file."""
+    import io
+
+    from reconstruct.checkpoint import read_into
+
+    class ShortReads(io.BytesIO):
+        def readinto(self, buffer):
+            return super().readinto(memoryview(buffer)[:3])  # at most 3 bytes per call
+
+    data = bytes(range(20))
+    target = bytearray(11)
+    handle = ShortReads(data)
+    handle.seek(4)
+    assert read_into(handle, memoryview(target)) == 11
+    assert bytes(target) == data[4:15]
+    assert read_into(ShortReads(data[:5]), memoryview(bytearray(8))) == 5  # a truncated file
+
+
+def test_background_write_raises_in_the_caller_and_is_waited_for():
+    """A shard written in a thread during the replay: its error is raised by result(), in the
+    caller's thread; leaving the `with` by an exception waits for the thread first."""
+    import threading
+    import time
+
+    from reconstruct.checkpoint import BackgroundWrite
+
+    def fail():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    failing = BackgroundWrite(fail)
+    with pytest.raises(OSError) as caught:
+        failing.result()
+    assert caught.value.errno == errno.ENOSPC
+
+    finished = threading.Event()
+
+    def slow():
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(KeyError):
+        with BackgroundWrite(slow):
+            raise KeyError("the replay failed")
+    assert finished.is_set()  # not still writing behind the caller
+
+    called = []
+    BackgroundWrite(lambda: called.append(1), enabled=False).result()
+    assert called == []
