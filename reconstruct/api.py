@@ -170,7 +170,7 @@ def prune(model: str, out: str, *, startup_s: float = 0.0, **settings) -> dict:
     already spent on this run before the call (the command line passes its process's age: interpreter
     start-up and imports), counted in the report's wall time as the phase `imports`.
     """
-    from .driver import run
+    from .layerwise import run
 
     unknown = set(settings) - set(RunConfig.field_names())
     if unknown:

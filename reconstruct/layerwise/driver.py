@@ -30,22 +30,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
-from .api import ConfigError, RunConfig
-from .capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
-                      map_tensors)
-from .corrections import CorrectionError, CorrectionOptions, make_correction
-from .fit import FitOptions, FitReport, fit_correction
-from .lock import run_lock
-from .memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
-from .models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
-from .prefetch import BlockPrefetcher
-from .pruning import METHODS, PruningError, PruningMethod
-from .pruning.base import keep_only, row_chunks
-from .stats import StatisticsCollector
-from .store import ActivationStore, StoreFactory
-from .timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
-from .writer import BackgroundWrite, RunDirectory
+from .. import __version__, distributed
+from ..api import ConfigError, RunConfig
+from ..capture import (call_block, catch_block0_inputs, catch_block_kwargs, first_output, kwargs_to,
+                       map_tensors)
+from ..corrections import CorrectionError, CorrectionOptions, make_correction
+from ..fit import FitOptions, FitReport, fit_correction
+from ..lock import run_lock
+from ..memory import default_activation_budget, limit_heap_fragmentation, peak_rss_bytes, return_freed_memory
+from ..models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
+from ..prefetch import BlockPrefetcher
+from ..pruning import METHODS, PruningError, PruningMethod
+from ..pruning.base import keep_only, row_chunks
+from ..stats import StatisticsCollector
+from ..store import ActivationStore, StoreFactory
+from ..timing import BLOCK_PHASES, STARTUP_PHASES, PhaseClock, summary
+from ..writer import BackgroundWrite, RunDirectory
 
 log = logging.getLogger(__name__)
 
