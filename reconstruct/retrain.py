@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .api import RetrainConfig
 from .corrections import CorrectionOptions, make_correction
-from .layerwise.driver import package_versions, zero_count
+from .layerwise.report import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
 from .lock import run_lock
 from .memory import peak_rss_bytes

@@ -1,4 +1,10 @@
-"""Layer-wise pruning and repair: a model pruned and corrected one transformer block at a time."""
-from .driver import DENSE_TARGET_SHARE, Driver, LayerErrorMeter, RunResult, blend_targets, run, zero_count
+"""Layer-wise pruning and repair: a model pruned and corrected one transformer block at a time.
+
+driver.py is the loop (its docstring is the algorithm); pipeline.py the block's steps, report.py the
+errors and the report.
+"""
+from .driver import Driver, RunResult, run
+from .pipeline import DENSE_TARGET_SHARE, blend_targets
+from .report import LayerErrorMeter, zero_count
 
 __all__ = ["DENSE_TARGET_SHARE", "Driver", "LayerErrorMeter", "RunResult", "blend_targets", "run", "zero_count"]
