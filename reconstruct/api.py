@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ConfigError, RetrainConfig, RunConfig
-from .driver import run as run_pruning
+from .layerwise import run as run_pruning
 from .retraining import run as run_retraining
 
 

@@ -162,7 +162,7 @@ def measure(command: list[str], log_path: Path) -> dict:
 def baseline_rss(model: Path) -> int:
     """Peak resident memory of a process that imports the engine and builds the model's weightless
     skeleton (torch, transformers and the model's code): the floor under any run, whatever it prunes."""
-    code = ("import sys, reconstruct.driver, reconstruct.cli; from reconstruct.models import open_model; "
+    code = ("import sys, reconstruct.layerwise, reconstruct.cli; from reconstruct.models import open_model; "
             "open_model(sys.argv[1]); print(reconstruct.memory.peak_rss_bytes())")
     return int(subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True,
                               check=True).stdout)

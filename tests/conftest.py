@@ -90,7 +90,7 @@ def prune_tiny(sample_text, token_cache):
 def run_tiny(sample_text, token_cache):
     """`run_tiny(model_dir, out, **settings)` -> RunResult (report, out, final_activations)."""
     from reconstruct.config import RunConfig
-    from reconstruct.driver import run
+    from reconstruct.layerwise import run
 
     def go(model, out, **settings):
         config = RunConfig(model=str(model), out=str(out),

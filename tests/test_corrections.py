@@ -286,7 +286,7 @@ def test_check_every_settings_are_validated():
 
 
 def test_mixed_target_is_the_midpoint_of_the_two_targets():
-    from reconstruct.driver import DENSE_TARGET_SHARE, blend_targets
+    from reconstruct.layerwise import DENSE_TARGET_SHARE, blend_targets
     from reconstruct.store import ActivationStore
 
     g = torch.Generator().manual_seed(0)

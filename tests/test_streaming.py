@@ -18,7 +18,7 @@ from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reconstruct import driver as driver_module
+from reconstruct import layerwise
 from reconstruct import memory as memory_module
 from reconstruct import store as store_module
 from reconstruct.api import prune
@@ -246,17 +246,17 @@ def test_layer_error_meter_reads_dense_weights_in_pieces():
 
     pruned = linear.weight.detach()
     for windows in (1, 2, 5):  # the first window of the batch of 2; both; more than the batch
-        with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, windows) as meter, torch.no_grad():
+        with layerwise.LayerErrorMeter({"proj": linear}, dense_rows, windows) as meter, torch.no_grad():
             meter.batch(0, 2)
             linear(x)
         sample = x[:windows]
         expected = (sample @ (dense - pruned).T).pow(2).sum() / (sample @ dense.T).pow(2).sum()
         assert meter.relative("proj") == pytest.approx(float(expected), rel=1e-5)
-    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, 1) as meter, torch.no_grad():
+    with layerwise.LayerErrorMeter({"proj": linear}, dense_rows, 1) as meter, torch.no_grad():
         meter.batch(2, 4)  # windows past the sample are not measured
         linear(x)
     assert meter.error["proj"] == meter.reference["proj"] == 0
-    with driver_module.LayerErrorMeter({"proj": linear}, dense_rows, 0) as meter, torch.no_grad():
+    with layerwise.LayerErrorMeter({"proj": linear}, dense_rows, 0) as meter, torch.no_grad():
         meter.batch(0, 2)
         linear(x)
     assert meter.relative("proj") is None  # --error-windows 0: no report
@@ -502,7 +502,7 @@ def test_full_disk_for_a_disk_store_is_an_error_not_a_crash(model, text, root, r
 # Memory: one block at a time, the head never loaded into the model
 def test_one_block_in_memory_and_head_never_materialised(model, text, root, monkeypatch, tmp_path):
     config = RunConfig(model=str(model), out=str(tmp_path / "out"), **settings(text, root)).validate()
-    driver = driver_module.Driver(config)
+    driver = layerwise.Driver(config)
     reads: dict[str, int] = {}
     saved: list[tuple[set[str], list[int], bool]] = []
 

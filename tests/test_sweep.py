@@ -200,7 +200,7 @@ def test_failing_cell_is_reported_and_others_run(tmp_path, files, monkeypatch, c
 def test_unfinished_cell_continues_where_it_stopped(tmp_path, files, monkeypatch):
     """Interrupted in its prune: the prune resumes at the block it stopped in. Interrupted in its
     evaluation: the complete checkpoint is evaluated without pruning again."""
-    from reconstruct import driver
+    from reconstruct.layerwise import driver
 
     grid = write_grid(tmp_path, files, sparsities=[0.5], corrections=["none"], keep_checkpoints=True)
     out = tmp_path / "out"

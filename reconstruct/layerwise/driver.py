@@ -1,0 +1,215 @@
+"""The layer-wise driver: prune and repair a model one transformer block at a time.
+
+    windows = calibration token windows
+    inputs  = block 0's inputs for every window, and every block's keyword arguments
+    for each block:
+        load its weights; run it dense, collecting each linear's input statistics and its outputs
+        prune every linear (masks); fit the correction towards the dense outputs; merge it
+        run the repaired block again: its outputs are the next block's inputs
+        write the block's shard and the resume point; free the block
+    write the index, config, tokenizer and report
+
+Only one block's weights are ever in memory; activations live in a store (RAM or disk) and go to the
+device one batch at a time. This module is that loop; the rooms it calls on: preflight.py opens the
+model and checks the settings against it, state.py keeps the run directory (start, resume, the
+resume point), pipeline.py holds the block's steps and report.py what the run reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..capture import kwargs_to
+from ..lock import run_lock
+from ..memory import limit_heap_fragmentation, return_freed_memory
+from ..models import prunable_linears
+from ..prefetch import BlockPrefetcher
+from ..store import ActivationStore
+from ..timing import PhaseClock
+from ..checkpoint import BackgroundWrite, RunDirectory
+from .pipeline import DenseOutputs, Recipe, fit_block_correction, observe_block, prune_block, replay
+from .preflight import calibration_windows, check_world_size, open_checked_model
+from .report import LayerErrorMeter, block_entry, block_summary, block_times, final_report, layer_entries
+from .state import has_resume_point, open_run_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    report: dict
+    out: Path
+    final_activations: ActivationStore | None  # the last block's outputs (for checks and tests)
+
+
+def run(config, startup_s: float = 0.0) -> RunResult:
+    """Run `config`; under torchrun, as one of several processes sharing the calibration windows.
+    `startup_s`: seconds spent before the call (interpreter start-up and imports), reported."""
+    with distributed.process_group(config.device) as device:
+        return Driver(dataclasses.replace(config, device=device), startup_s).run()
+
+
+class Driver:
+    """One run: its settings, model and run directory; `run()` is the loop in the module docstring."""
+
+    def __init__(self, config, startup_s: float = 0.0):
+        """`startup_s`: seconds the caller spent before this run (a command's interpreter start-up and
+        imports), counted in the report's wall time as the phase `imports`."""
+        self.config = config
+        self.device = torch.device(config.device)
+        self.started = time.perf_counter() - startup_s
+        self.clock = PhaseClock(self.device)  # the whole run's phases; each block has its own too
+        self.clock.add("imports", startup_s)
+        self.recipe = Recipe.from_config(config)
+        self.batch_size = config.batch_size  # halved on CUDA out-of-memory
+
+    def run(self) -> RunResult:
+        """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
+        limit_heap_fragmentation()
+        run_dir = RunDirectory(Path(self.config.out))
+        with run_lock(run_dir.out):  # a second run with the same --out stops before touching anything
+            return self._run(run_dir)
+
+    def _run(self, run_dir: RunDirectory) -> RunResult:
+        config, clock = self.config, self.clock
+        with clock.phase("open"):
+            self.adapter, self.pruned_source = open_checked_model(config, self.recipe)
+            check_world_size(config, self.recipe)
+        with clock.phase("calibration"):
+            # Rank 0 reads the calibration data (the token cache is written once); every rank gets it.
+            # It may fail on bad data: before anything is written.
+            windows = distributed.on_main(
+                lambda: None if has_resume_point(run_dir, config) else calibration_windows(config, self.adapter),
+                "reading the calibration data")
+        with clock.phase("capture"):
+            self.state = open_run_state(run_dir, config, self.recipe, self.adapter, windows, self.batch_size)
+            done, n = self.state.next_block, self.adapter.num_blocks
+            progress = tqdm(range(done, n), initial=done, total=n, desc="blocks", unit="block",
+                            disable=None if distributed.is_main() else True)
+            inputs, dense_inputs = self.state.open_inputs()
+        self.prefetcher = self.block_prefetcher()
+        try:
+            for index in progress:
+                inputs, dense_inputs = self.process_block(index, inputs, dense_inputs)
+                progress.set_postfix_str(block_summary(self.state.blocks[-1]))
+        finally:
+            if self.prefetcher:
+                self.prefetcher.close()
+        # The report's wall time ends here; writing the index, config and report takes milliseconds.
+        report = final_report(config, self.state.layers, self.state.blocks, clock, time.perf_counter() - self.started)
+        out = self.state.finish(self.adapter, report)
+        log.info("wrote %s", out)
+        return RunResult(report, out, inputs)
+
+    def block_prefetcher(self) -> BlockPrefetcher | None:
+        """The background reader of the next block (reconstruct/prefetch.py), or None: `--prefetch
+        auto` reads ahead on an accelerator only, since it holds one more block in host memory."""
+        if self.config.prefetch == "off" or (self.config.prefetch == "auto" and self.device.type == "cpu"):
+            return None
+        return BlockPrefetcher(lambda index: self.adapter.module_reader(self.adapter.block_name(index)),
+                               pin_memory=self.device.type == "cuda")
+
+    # -- one block -----------------------------------------------------------------------------------
+    def process_block(self, index: int, inputs: ActivationStore, dense_inputs: ActivationStore | None):
+        while True:
+            try:
+                return self._process_block(index, inputs, dense_inputs)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1 or distributed.world_size() > 1:  # ranks must stay in step
+                    raise
+                self.batch_size //= 2
+                log.warning("CUDA out of memory in block %d: retrying with --batch-size %d", index,
+                            self.batch_size)
+                self.adapter.release(self.adapter.blocks[index])
+                torch.cuda.empty_cache()
+                inputs, dense_inputs = self.state.open_inputs()  # RAM inputs may be half overwritten
+
+    def _process_block(self, index: int, inputs: ActivationStore, dense_inputs: ActivationStore | None):
+        config, recipe, state, adapter = self.config, self.recipe, self.state, self.adapter
+        device, batch_size, name = self.device, self.batch_size, adapter.block_name(index)
+        clock = PhaseClock(device)  # this block's phases; added to the run's when it is done
+        with clock.phase("load"):
+            block, call = self.load_block(index)
+            linears = prunable_linears(block, config.layers)
+
+        # 1. Run the dense block: statistics of every linear's inputs, and the dense outputs (targets).
+        #    Magnitude pruning without a correction needs neither: no dense pass at all; nor does
+        #    --masks-from, which takes the weights and mask from another checkpoint, need statistics.
+        fit_inputs = dense_inputs if config.fit_target == "none" else inputs
+        with_targets = recipe.correction is not None or dense_inputs is not None
+        with_statistics = recipe.method.needs_statistics and not self.pruned_source
+        stats, dense = {}, DenseOutputs()
+        if with_targets or with_statistics:
+            with clock.phase("observe"):
+                stats, dense = observe_block(index, block, call, linears if with_statistics else {}, fit_inputs,
+                                             dense_inputs, with_targets, config=config, recipe=recipe,
+                                             stores=state.stores, batch_size=batch_size, device=device)
+
+        # 2. Prune every linear of the block (or take it, pruned elsewhere, with --masks-from).
+        with clock.phase("prune"):
+            masks, notes = prune_block(name, linears, stats, recipe, self.pruned_source)
+            del stats
+            distributed.check_identical({"masks": list(masks.values()),
+                                         "pruned weights": [linear.weight for linear in linears.values()]},
+                                        f"block {index} after pruning")
+            return_freed_memory()
+
+        # 3. Fit the correction towards the dense outputs; merge it, or discard it if it is worse.
+        fit_reports = []
+        if recipe.correction is not None:
+            with clock.phase("fit"):
+                fit_reports = fit_block_correction(index, block, dense.dense_block, masks, fit_inputs, dense.targets,
+                                                   call, config=config, recipe=recipe, windows=state.windows,
+                                                   device=device)
+                distributed.check_identical({"corrected weights": list(block.state_dict().values())},
+                                            f"block {index} after the correction")
+
+        # 4. Re-run the repaired block: its outputs feed the next block. The block's weights are
+        #    final: rank 0 writes its shard meanwhile.
+        shard = state.run_dir.shard_name(index, adapter.num_blocks + 1)
+
+        def write_shard():
+            state.run_dir.save_shard(shard, adapter.module_tensors(name))
+
+        with clock.phase("replay"), BackgroundWrite(write_shard, enabled=distributed.is_main()) as shard_written:
+            next_inputs = state.outputs_for(index, inputs)
+            meter = LayerErrorMeter.for_block(adapter, name, linears, config.error_windows, device)
+            with meter:
+                replay(block, inputs, call, batch_size, device, next_inputs, meter, state.windows.own.start)
+            meter.sum_across_ranks()
+
+        # 5. Finish writing the block, record the resume point, free everything of this block.
+        with clock.phase("write"):
+            state.layers.extend(layer_entries(index, name, linears, meter, notes))
+            entry = block_entry(index, fit_reports)
+            state.blocks.append(entry)
+            distributed.on_main(shard_written.result, f"writing block {index}")
+            adapter.release(block)
+            superseded = state.advance(index, shard, next_inputs, dense.next_dense)
+            entry.update(block_times(clock))  # saved without the rest of this phase, kept whole in memory
+            state.save()
+            state.delete_activations(superseded)
+            if dense.targets is not None:
+                dense.targets.delete()
+            return_freed_memory()
+        entry.update(block_times(clock))
+        for phase, seconds in clock.seconds.items():
+            self.clock.add(phase, seconds)
+        return next_inputs, dense.next_dense
+
+    def load_block(self, index: int):
+        """Block `index` on the device (read in the background when prefetching; the next block's
+        read starts meanwhile), and its keyword arguments there."""
+        prefetched = self.prefetcher.take(index) if self.prefetcher else None
+        block = self.adapter.load_block(index, prefetched).to(self.device, non_blocking=True)
+        del prefetched
+        if self.prefetcher and index + 1 < self.adapter.num_blocks:
+            self.prefetcher.start(index + 1)  # read while this block computes
+        return block, kwargs_to(self.state.block_calls[index], self.device)
