@@ -1,7 +1,7 @@
 """reconstruct: prune large language models block by block and repair them with sparsity-preserving
 corrections fitted on calibration data (PERP), on one accelerator, with the model on disk."""
 
-__version__ = "0.1.0"
+from .versions import __version__
 
 
 def __getattr__(name):

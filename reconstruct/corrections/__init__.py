@@ -1,20 +1,19 @@
 """Corrections behind one interface: `make_correction("masklora+norm").attach(unit, masks, ...)`.
 
-Adding a correction: a new file here with a `Correction` subclass decorated by `@register`, plus its
-import below. Combinations are names joined by "+", e.g. "masklora+norm" (PERP's reconstruction) or
-"bias+norm".
+Adding a correction: a new file here with a `Correction` subclass (its `name` is the command line's
+`--correction`), and its class in the list below; the list is written out rather than filled by a
+decorator in each file, so that the correction files import only `base` and nothing imports back up.
+Combinations are names joined by "+", e.g. "masklora+norm" (PERP's reconstruction) or "bias+norm".
 """
 from .base import Attachment, Correction, CorrectionError, CorrectionOptions, ParameterAccess, combine
+from .full import MaskedFull
+from .loraprune import LoRAPrune
+from .masklora import MaskLoRA
+from .scalelora import ScaleLoRA
+from .subsets import BiasOnly, NormOnly
 
-CORRECTIONS: dict[str, type[Correction]] = {}
-
-
-def register(cls):
-    CORRECTIONS[cls.name] = cls
-    return cls
-
-
-from . import full, loraprune, masklora, scalelora, subsets  # noqa: E402,F401  (registers the corrections)
+CORRECTIONS: dict[str, type[Correction]] = {
+    cls.name: cls for cls in (MaskedFull, LoRAPrune, MaskLoRA, ScaleLoRA, BiasOnly, NormOnly)}
 
 NAMED_COMBINATIONS = ("masklora+norm", "bias+norm")
 
@@ -49,4 +48,4 @@ def make_correction(name: str) -> Correction | None:
 
 
 __all__ = ["Attachment", "CORRECTIONS", "Correction", "CorrectionError", "CorrectionOptions",
-           "ParameterAccess", "choices", "make_correction", "register"]
+           "ParameterAccess", "choices", "make_correction"]

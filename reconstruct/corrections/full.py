@@ -8,7 +8,6 @@ It costs an fp32 copy of the weights plus AdamW's two moments: 12 bytes per weig
 """
 from torch import nn
 
-from . import register
 from .base import Correction, LinearWrapper, wrap_linears
 
 
@@ -21,7 +20,6 @@ class MaskedFullLinear(LinearWrapper):
         return self.weight.masked_fill(~self.mask, 0.0)
 
 
-@register
 class MaskedFull(Correction):
     name = "full"
 

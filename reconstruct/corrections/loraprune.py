@@ -3,7 +3,6 @@
 The merged layer is (W + s·BA) ⊙ M, which differs from the layer that was fitted: the update's
 entries at pruned positions are thrown away. This is what MaskLoRA avoids.
 """
-from . import register
 from .masklora import MaskLoRA, MaskLoRALinear
 
 
@@ -15,7 +14,6 @@ class LoRAPruneLinear(MaskLoRALinear):
         return self.effective_weight() * self.mask
 
 
-@register
 class LoRAPrune(MaskLoRA):
     """Attached like MaskLoRA (same factors and initialisation); only the wrapper differs."""
 

@@ -1,7 +1,6 @@
 """MaskLoRA (PERP): W + s·M⊙(BA). The update is masked, so pruned weights stay exactly zero."""
 import torch
 
-from . import register
 from .base import Correction, LinearWrapper, kaiming_uniform_, low_rank_factors, wrap_linears
 
 
@@ -21,7 +20,6 @@ class MaskLoRALinear(LinearWrapper):
         return (self.lora_B @ self.lora_A).float().mul_(self.mask).mul_(self.scale).add_(self.base.weight)
 
 
-@register
 class MaskLoRA(Correction):
     name = "masklora"
     wrapper = MaskLoRALinear

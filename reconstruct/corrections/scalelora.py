@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from . import register
 from .base import Correction, LinearWrapper, low_rank_factors, wrap_linears
 
 
@@ -24,7 +23,6 @@ class ScaleLoRALinear(LinearWrapper):
         return (self.lora_B @ self.lora_A).float().mul_(self.base.weight)
 
 
-@register
 class ScaleLoRA(Correction):
     name = "scalelora"
 

@@ -1,7 +1,6 @@
 """Parameter-efficient subsets (PERP): retrain only the biases, or only the normalisation layers."""
 from torch import nn
 
-from . import register
 from .base import Correction, CorrectionError, train_in_fp32
 
 
@@ -10,7 +9,6 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
 
 
-@register
 class BiasOnly(Correction):
     name = "bias"
 
@@ -23,7 +21,6 @@ class BiasOnly(Correction):
         return train_in_fp32(biases, options.parameter_access)
 
 
-@register
 class NormOnly(Correction):
     name = "norm"
 

@@ -18,7 +18,6 @@ small testbed models they did, doubling the perplexity.
 """
 import torch
 
-from . import register
 from ..tensors import keep_only, row_chunks
 from .base import PruneResult, PruningError, PruningMethod, row_mask
 
@@ -26,7 +25,6 @@ CYCLES_PER_INPUT = 50 / 4096  # the paper's 50 swap cycles, for rows of LLaMA-7B
 VARIANCE_POWER = 1.0     # growing score: contribution / variance^power (the paper's default 1)
 
 
-@register
 class DSnoT(PruningMethod):
     name = "dsnot"
     needs_input_sums = True

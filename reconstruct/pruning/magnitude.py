@@ -1,9 +1,7 @@
 """Magnitude pruning: remove the smallest |W|, one threshold per matrix (per group for N:M)."""
-from . import register
 from .base import PruneResult, PruningMethod, apply_mask, lowest_per_group, lowest_per_matrix
 
 
-@register
 class Magnitude(PruningMethod):
     name = "magnitude"
     needs_statistics = False

@@ -9,7 +9,6 @@ import logging
 
 import torch
 
-from . import register
 from .base import PruneResult, PruningError, PruningMethod
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ def inverse_hessian_factor(hessian: torch.Tensor, layer: str = "") -> torch.Tens
                        "use more calibration windows")
 
 
-@register
 class SparseGPT(PruningMethod):
     name = "sparsegpt"
     needs_hessian = True

@@ -4,12 +4,10 @@ No weight update. With N:M, the M−N lowest of every M consecutive inputs in a 
 """
 import torch
 
-from . import register
 from ..tensors import keep_only, row_chunks
 from .base import PruneResult, PruningMethod, row_mask
 
 
-@register
 class Wanda(PruningMethod):
     name = "wanda"
 
