@@ -308,6 +308,15 @@ def test_choose_names_what_would_fit_70b_on_one_80_gib_device():
     assert plan.memory.peak_bytes <= 0.9 * 80 * GiB
 
 
+def test_with_offload_choose_prefers_the_fewest_passes():
+    """Each pass moves every block's weights from the host: one pass of 8 windows with checkpointing
+    beats 8 passes of one window without it, though both fit."""
+    plan = choose(llama2_70b(), settings(offload="cpu"), 80 * GiB)
+    assert (plan.micro_batch, plan.gradient_checkpointing) == (8, True)
+    assert estimate(llama2_70b(), settings(offload="cpu", micro_batch=1)).peak_bytes <= 0.9 * 80 * GiB
+    assert estimate(llama2_70b(), settings(offload="cpu", micro_batch=8)).peak_bytes > 0.9 * 80 * GiB
+
+
 def test_choose_suggests_a_shorter_seqlen_when_that_fits():
     at_2048 = estimate(llama2_7b(), settings(micro_batch=1, gradient_checkpointing=True)).peak_bytes
     at_1024 = estimate(llama2_7b(), settings(seqlen=1024, micro_batch=1, gradient_checkpointing=True)).peak_bytes
@@ -324,8 +333,10 @@ def test_on_the_cpu_the_budget_is_the_hosts_memory():
 
 
 def test_settings_that_make_no_sense_are_refused():
-    with pytest.raises(PlanError, match="micro-batch of 16"):
+    with pytest.raises(PlanError, match="micro-batch of 16 windows: the batch has 8"):
         estimate(llama2_7b(), settings(micro_batch=16))
+    # --grad-accum 1 on 8 ranks: each rank's pass is its one window
+    assert estimate(llama2_7b(), settings(micro_batch=8, world_size=8)).settings.micro_batch == 1
     with pytest.raises(PlanError, match="already in host memory"):
         estimate(llama2_7b(), settings(device="cpu", offload="cpu"))
 

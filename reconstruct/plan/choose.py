@@ -3,11 +3,18 @@ fit a memory budget, each candidate judged by `estimate`.
 
 The micro-batch (windows per forward/backward pass on one rank) is a divisor of the rank's share of
 the global batch, so every pass has the same size and the step's result is the same whatever is
-chosen (the loss is one mean over the batch). The order of preference: the largest micro-batch
-without checkpointing (recomputing every block costs about a third more compute, while fewer
-windows per pass cost little at real sequence lengths); failing that, the largest with it. A setting
-the user gave is never changed; when nothing fits, DoesNotFitError says what would: the planner's
-own choice instead of the user's, `--fsdp` over N devices, `--offload cpu`, a smaller `--seqlen`.
+chosen (the loss is one mean over the batch). The order of preference:
+
+  - on the device's memory: the largest micro-batch without checkpointing (recomputing every
+    block costs about a third more compute, while fewer windows per pass cost little at real
+    sequence lengths); failing that, the largest with it;
+  - with `--offload cpu`: the fewest passes, then no checkpointing. Every pass moves every block's
+    weights from the host to the device (twice, three times with checkpointing), so at 70B eight
+    passes of one window move about 2 TB per step over PCIe, one pass of eight a fifth of that.
+
+A setting the user gave is never changed; when nothing fits, DoesNotFitError says what would: the
+planner's own choice instead of the user's, `--fsdp` over N devices, `--offload cpu`, a smaller
+`--seqlen`.
 """
 from __future__ import annotations
 
@@ -94,8 +101,11 @@ def candidates(settings: PlanSettings) -> list[PlanSettings]:
               else [d for d in range(share, 0, -1) if share % d == 0])
     checkpointing = ([settings.gradient_checkpointing] if settings.gradient_checkpointing is not None
                      else [False, True])
-    return [dataclasses.replace(settings, micro_batch=micro, gradient_checkpointing=on)
-            for on in checkpointing for micro in micros]
+    tried = [dataclasses.replace(settings, micro_batch=micro, gradient_checkpointing=on)
+             for on in checkpointing for micro in micros]
+    if settings.offload == "cpu":  # the fewest passes first; sorted() keeps no checkpointing first among equals
+        tried = sorted(tried, key=lambda candidate: -candidate.micro_batch)
+    return tried
 
 
 def first_fitting(model_config, settings: PlanSettings, max_memory_bytes: int) -> MemoryPlan | None:
@@ -139,8 +149,8 @@ def describe_given(settings: PlanSettings) -> str:
 
 def alternatives(model_config, settings: PlanSettings, max_memory_bytes: int) -> list[str]:
     """What would fit instead, each judged by the same estimator: the planner's own choice of the
-    settings the user gave, then --fsdp over the fewest devices, --offload cpu, the longest smaller
-    --seqlen (each with the micro-batch and checkpointing left to the planner)."""
+    settings the user gave, then, with the user's settings kept, --fsdp over the fewest devices,
+    --offload cpu, the longest smaller --seqlen."""
     options = []
     free = dataclasses.replace(settings, micro_batch=None, gradient_checkpointing=None)
     if free != settings and (plan := first_fitting(model_config, free, max_memory_bytes)):
@@ -148,18 +158,18 @@ def alternatives(model_config, settings: PlanSettings, max_memory_bytes: int) ->
                        f"{size(needed(plan))})")
     if settings.device == "cuda":
         for devices in (n for n in FSDP_DEVICES if n > settings.world_size or not settings.sharded):
-            trial = dataclasses.replace(free, fsdp=True, world_size=devices)
+            trial = dataclasses.replace(settings, fsdp=True, world_size=devices)
             if plan := first_fitting(model_config, trial, max_memory_bytes):
                 options.append(f"--fsdp over {devices} devices (torchrun --nproc_per_node {devices}; "
                                f"{size(plan.peak_bytes)} per device)")
                 break
         if settings.offload is None and (
-                plan := first_fitting(model_config, dataclasses.replace(free, offload="cpu"), max_memory_bytes)):
+                plan := first_fitting(model_config, dataclasses.replace(settings, offload="cpu"), max_memory_bytes)):
             options.append(f"--offload cpu ({size(plan.peak_bytes)} on the device, "
                            f"{size(plan.host_peak_bytes)} of host memory per rank)")
     seqlen = settings.seqlen // 2
     while seqlen >= SMALLEST_SEQLEN:
-        if plan := first_fitting(model_config, dataclasses.replace(free, seqlen=seqlen), max_memory_bytes):
+        if plan := first_fitting(model_config, dataclasses.replace(settings, seqlen=seqlen), max_memory_bytes):
             options.append(f"--seqlen {seqlen} ({size(needed(plan))})")
             break
         seqlen //= 2

@@ -13,8 +13,8 @@ def size(count: float) -> str:
 
 
 def quantity(count: float) -> str:
-    """A count in thousands, millions, billions: '6.74 B', '40.0 M'."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    """A count in thousands, millions, billions, with SI prefixes (B is for bytes): '6.74 G', '40 M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= scale:
             return f"{count / scale:.3g} {unit}"
     return f"{count:.0f}"

@@ -36,8 +36,9 @@ class PlanSettings:
     `gradient_checkpointing` left None are the planner's to choose (`choose`); `estimate` takes them
     at the command's defaults (one pass of every window of a rank, no checkpointing).
 
-    micro_batch is the number of windows per forward/backward pass on one rank; the CLI's
-    `--grad-accum` is the passes per step: batch_size / world_size / micro_batch."""
+    micro_batch is the number of windows per forward/backward pass on one rank: the CLI's
+    `--grad-accum` is batch_size / micro_batch (RetrainConfig.micro_batch_size is
+    batch_size // grad_accum, and each rank splits its share of the batch into passes of that size)."""
     params: str = "masklora"
     rank: int = 16
     seqlen: int = 2048
@@ -69,9 +70,8 @@ class PlanSettings:
         for name in ("rank", "seqlen", "batch_size", "world_size", "kl_chunk_tokens", "steps"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.micro_batch is not None and not 1 <= self.micro_batch <= self.windows_per_rank:
-            raise PlanError(f"a micro-batch of {self.micro_batch} windows: each of the {self.world_size} ranks "
-                            f"has {self.windows_per_rank} windows of the batch of {self.batch_size}")
+        if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
+            raise PlanError(f"a micro-batch of {self.micro_batch} windows: the batch has {self.batch_size}")
         if self.offload not in (None, "cpu"):
             raise PlanError(f"--offload {self.offload!r}: only 'cpu' is known")
         if self.device not in DEVICES:
@@ -83,9 +83,10 @@ class PlanSettings:
         return self
 
     def resolved(self) -> "PlanSettings":
-        """Unset choices at the command's defaults."""
+        """Unset choices at the command's defaults. A micro-batch larger than a rank's share of the
+        batch is that share, as in retrain.Retrainer.passes (each rank splits its own windows)."""
         return dataclasses.replace(
-            self, micro_batch=self.micro_batch or self.windows_per_rank,
+            self, micro_batch=min(self.micro_batch or self.windows_per_rank, self.windows_per_rank),
             gradient_checkpointing=bool(self.gradient_checkpointing))
 
 
