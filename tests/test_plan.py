@@ -111,11 +111,13 @@ def test_mixtral_parameters_with_experts():
                              num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True),
     transformers.Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=32, vocab_size=300),
+    transformers.GemmaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=1, head_dim=32, vocab_size=300),
     transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, vocab_size=300, num_local_experts=4, num_experts_per_tok=2),
     transformers.OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
                            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False),
-], ids=["llama-biases", "mistral", "qwen2-tied", "qwen3", "mixtral", "opt-projected"])
+], ids=["llama-biases", "mistral", "qwen2-tied", "qwen3", "gemma", "mixtral", "opt-projected"])
 def test_shape_matches_the_model_transformers_builds(config):
     """Parameters, and prunable weights and biases, as in the model transformers builds (on meta)."""
     with torch.device("meta"):
@@ -419,3 +421,13 @@ def test_saved_activations_are_what_autograd_saves_for_a_small_llama(params):
     # The first norm's input (the embeddings, frozen) needs no gradient: its fp32 copy and rsqrt are
     # not saved. Everything else is as estimated, to the byte.
     assert measured == (config.num_hidden_layers * block + outside - (4 * 128 + 4)) * seqlen
+
+
+def test_a_model_type_of_another_form_is_read_as_llama_and_the_plan_says_so():
+    config = transformers.Gemma2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300)
+    notes = estimate(config, settings(seqlen=64)).notes
+    assert "model_type 'gemma2' read as a LLaMA-like decoder" in notes
+    assert estimate(llama2_7b(), settings()).notes == [
+        "keep-masks cost nothing and one linear's effective weight is formed at a time (issue 18's design target; "
+        "today's code holds a bool mask per linear and every effective weight for backward)"]

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+# Model types whose shape is exactly the LLaMA form's (Gemma 2 and 3 add norms, OLMo's have no weights)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 # Corrections that wrap each prunable linear (their forward saves the linear's input for backward)
 WRAPPING = ("masklora", "scalelora", "lora-prune", "full")
 LOW_RANK = ("masklora", "scalelora", "lora-prune")
@@ -70,7 +71,6 @@ class ModelShape:
     experts: int = 0
     experts_per_token: int = 0
     dropout: float = 0.0
-    gated_mlp: bool = True
     qk_norm: bool = False            # Qwen3: an RMSNorm on each head's queries and keys
     config_dtype: torch.dtype | None = None
     assumption: str = ""
@@ -157,10 +157,11 @@ class ModelShape:
             attention += 4 * (q_dim + kv_dim)                 # their fp32 input copies
         if self.family == "opt":
             dropout_masks = 2 * h if self.dropout > 0 else 0   # bool masks after attention and fc2
-            mlp = c * self.intermediate * (1 if not self.gated_mlp else 3) + dropout_masks
+            mlp = c * self.intermediate + dropout_masks         # ReLU's output, which is fc2's input
         elif self.family == "mixtral":
-            # Per routed (token, expert): its gathered input, gate out, SiLU out, up out, their
-            # product, the expert's output (kept for the router weights' gradient); router softmax fp32.
+            # Per routed (token, expert): gate out, SiLU out, up out, the expert's output (kept for
+            # the routing weights' gradient); with a wrapping correction also the gathered input and
+            # the product (down_proj's input). Per token, the router's fp32 softmax and its top-k.
             per_route = c * (3 * self.intermediate + h) + (c * (self.intermediate + h) if wraps else 0)
             mlp = self.experts_per_token * per_route + 4 * self.experts + 16 * self.experts_per_token
         else:
@@ -272,4 +273,4 @@ def _opt_shape(config) -> ModelShape:
         kv_heads=heads, head_dim=h // heads, intermediate=ffn, linears=linears, norms_per_block=2 * norm,
         router_per_block=0, embedding_params=embeddings, head_params=0 if tied else vocab * projection,
         final_norm_params=final_norm, dropout=float(getattr(config, "dropout", 0.0) or 0.0),
-        gated_mlp=False, config_dtype=_config_dtype(config))
+        config_dtype=_config_dtype(config))
