@@ -24,12 +24,16 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from calib import eval_tokens
+
+from .progress import Progress, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +49,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def perplexity(model, tokens: torch.LongTensor, seqlen: int, batch_size: int = 1,
-               device: str | torch.device = "cpu") -> float:
+               device: str | torch.device = "cpu", progress: str | None = None) -> float:
     """exp(mean next-token NLL) over non-overlapping seqlen windows of `tokens` [1, N], tail dropped.
 
     The model must already be on `device` (only the token windows are moved there). It is run in
     eval mode without gradients or KV cache; its previous train/eval mode is restored afterwards.
+    `progress`: a description to show progress over the windows under (`reconstruct.progress`);
+    None shows nothing.
     """
     windows = _perplexity_windows(tokens, seqlen)
     if batch_size <= 0:
@@ -59,12 +65,14 @@ def perplexity(model, tokens: torch.LongTensor, seqlen: int, batch_size: int = 1
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        shown = Progress(len(windows), progress or "", "window", enabled=progress is not None)
+        with torch.no_grad(), shown:
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 total_nll += _next_token_nll_sum(logits, batch)
                 predicted_tokens += batch.shape[0] * (seqlen - 1)
+                shown.update(batch.shape[0], f"ppl so far {math.exp(total_nll / predicted_tokens):.4g}")
     finally:
         model.train(was_training)
     return math.exp(total_nll / predicted_tokens)
@@ -194,8 +202,10 @@ def evaluate(model: str, data: list[str] | tuple[str, ...] | str = ("wikitext2",
         language_model = load_model(model, torch_dtype, device)
         results["dtype"] = str(language_model.dtype).removeprefix("torch.")
         _warn_if_beyond_context(language_model, seqlen)
-        for source, tokens in token_streams.items():
-            results["perplexity"][source] = perplexity(language_model, tokens, seqlen, batch_size, device)
+        for number, (source, tokens) in enumerate(token_streams.items(), start=1):
+            of_all = f" ({number}/{len(token_streams)})" if len(token_streams) > 1 else ""
+            results["perplexity"][source] = perplexity(language_model, tokens, seqlen, batch_size, device,
+                                                       progress=f"eval {source}{of_all}")
             results["eval_windows"][source] = tokens.shape[1] // seqlen
         # lm-eval loads its own copy of the model: free ours first so that only one is in memory.
         del language_model
@@ -203,8 +213,15 @@ def evaluate(model: str, data: list[str] | tuple[str, ...] | str = ("wikitext2",
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if tasks:
+        # lm-eval runs the tasks' requests together, with its own progress bar over them: these
+        # lines say what that bar is about, and how long it took.
+        started = time.monotonic()
+        print(f"eval zero-shot: {len(tasks)} task(s) with lm-eval: {', '.join(tasks)}", file=sys.stderr,
+              flush=True)
         results["zero_shot"] = zero_shot(model, tasks, batch_size=batch_size, device=device,
                                          limit=limit, include_path=include_path, dtype=dtype)
+        print(f"eval zero-shot: done in {format_duration(time.monotonic() - started)}", file=sys.stderr,
+              flush=True)
     print(markdown_table(results), end="\n\n")
     if output_json is not None:
         _write_json(results, Path(output_json))
