@@ -328,7 +328,8 @@ class Driver:
                 try:
                     self.correction.attach(root, root_masks, self.fit_options.correction, torch.Generator())
                 except CorrectionError as error:
-                    raise CorrectionError(f"block {index} unit {unit_name or 'block'}: {error}") from None
+                    raise CorrectionError(f"--correction {self.config.correction}, block {index} unit "
+                                          f"{unit_name or 'block'}: {error}") from None
 
     def check_layers_against_model(self) -> None:
         """Fail before any work if the layer filter matches nothing or N:M does not divide a layer."""
@@ -700,8 +701,9 @@ class Driver:
             try:
                 report = fit_correction(root, self.correction, root_masks, run, target, train_ids, held_ids,
                                         self.fit_options, generator, self.device, block_dtype(block))
-            except ValueError as error:  # e.g. bias training on a model without biases
-                raise type(error)(f"block {index} unit {unit_name or 'block'}: {error}") from error
+            except CorrectionError as error:  # e.g. bias training on a model without biases
+                raise CorrectionError(f"--correction {self.config.correction}, block {index} unit "
+                                      f"{unit_name or 'block'}: {error}") from error
             report.note = f"{unit_name}: {report.note}" if unit_name and report.note else report.note
             reports.append((unit_name or "block", report))
         return reports

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .api import RetrainConfig
-from .corrections import CorrectionOptions, make_correction
+from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
 from .lock import run_lock
@@ -194,7 +194,10 @@ class Retrainer:
         masks = {f"{self.adapter.block_name(i)}.{name}": torch.ones(linear.weight.shape, dtype=torch.bool,
                                                                     device="meta")
                  for i, block in enumerate(self.adapter.blocks) for name, linear in prunable_linears(block).items()}
-        self.correction.attach(trial, masks, self.options, torch.Generator())
+        try:
+            self.correction.attach(trial, masks, self.options, torch.Generator())
+        except CorrectionError as error:
+            raise CorrectionError(f"--params {self.config.params}: {error}") from None
 
     def open_teacher(self) -> nn.Module:
         """The dense teacher, frozen, in its own dtype on --teacher-device. It costs one more copy of

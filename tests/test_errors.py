@@ -76,9 +76,9 @@ CASES = [
     ("too-few-tokens", "llama", {"nsamples": 400, "seqlen": 128}, CalibrationError,
      r"has \d+ tokens, but 400 windows of 128 tokens need at least 51200"),
     ("bias-without-biases", "llama", {"correction": "bias"}, CorrectionError,
-     r"block 0 unit block: correction 'bias': this model's linear layers have no biases"),
+     r"--correction bias, block 0 unit block: this model's linear layers have no biases"),
     ("norm-unit-without-norms", "llama", {"correction": "norm", "granularity": "sublayer"}, CorrectionError,
-     r"block 0 unit self_attn: correction 'norm': this unit has no normalisation layers"),
+     r"--correction norm, block 0 unit self_attn: this unit has no normalisation layers"),
 ]
 
 
