@@ -12,11 +12,9 @@ from . import distributed
 from .api import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig, RunConfig,
                   default_device)
 from .corrections import choices as correction_choices
+from .failures import EXIT_BAD_INPUT, EXIT_FAILED, report_failure
 from .pruning import METHODS
 from .timing import process_age_seconds
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
 
 DEFAULTS = RunConfig(model="", out="")
 
@@ -324,20 +322,17 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.command](args)
         return _import(_EXTRA_COMMANDS[args.command][0]).main(args)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        resumable = args.command in ("prune", "retrain")
+        print("interrupted" + (": rerun the same command with --resume to continue" if resumable else ""),
+              file=sys.stderr)
         return 130
     except distributed.DistributedError as error:  # another rank failed, or the ranks disagree
         if args.verbose:
             logging.exception("details")
         print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (ValueError, OSError, ImportError) as error:
-        # Our own errors (bad settings, data, model, output) are ValueError/OSError subclasses with a
-        # message that says what to do; a traceback would only hide it.
-        if args.verbose:
-            logging.exception("details")
-        print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as error:  # noqa: BLE001 -- bad input, the machine, or a bug: failures.py says which
+        return report_failure(args.command, error, args.verbose)
     finally:
         if argv is None:
             # The process ends next. Its last garbage collection would walk every object torch and

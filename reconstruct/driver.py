@@ -492,14 +492,14 @@ class Driver:
         def load():
             state = self.run_dir.load_state()
             if state["fingerprint"] != self.config.fingerprint():
-                raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings; "
-                                 "rerun without --resume (and with --overwrite if needed) to start over")
+                raise ConfigError(f"the unfinished run in {self.run_dir.work} was started with different settings; "
+                                  "rerun without --resume (and with --overwrite if needed) to start over")
             started_with, now = state.get("world_size", 1), distributed.world_size()
             if started_with != now:  # each rank's activations hold its own share of the windows
-                raise ValueError(f"the unfinished run in {self.run_dir.work} was started with {started_with} "
-                                 f"process(es), this one has {now}: resume it with the same number (torchrun "
-                                 f"--nproc_per_node {started_with}, or no torchrun for 1), or rerun without "
-                                 "--resume to start over")
+                raise ConfigError(f"the unfinished run in {self.run_dir.work} was started with {started_with} "
+                                  f"process(es), this one has {now}: resume it with the same number (torchrun "
+                                  f"--nproc_per_node {started_with}, or no torchrun for 1), or rerun without "
+                                  "--resume to start over")
             return state, torch.load(self.run_dir.work / "block_calls.pt", weights_only=False)
 
         state, self.calls = distributed.on_main(load, "reading the resume point")

@@ -44,6 +44,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "auto": "auto"}
 
 
+class EvaluationError(ValueError):
+    """The evaluation cannot run on the given input (model location, data, settings, tasks); the
+    message says what to change."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Perplexity
 
@@ -59,7 +64,7 @@ def perplexity(model, tokens: torch.LongTensor, seqlen: int, batch_size: int = 1
     """
     windows = _perplexity_windows(tokens, seqlen)
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise EvaluationError(f"batch_size must be positive, got {batch_size}")
     total_nll = 0.0  # a Python float is a double: no precision lost summing ~10^6 token losses
     predicted_tokens = 0
     was_training = model.training
@@ -81,13 +86,13 @@ def perplexity(model, tokens: torch.LongTensor, seqlen: int, batch_size: int = 1
 def _perplexity_windows(tokens: torch.LongTensor, seqlen: int) -> torch.LongTensor:
     """`tokens` [1, N] as [N // seqlen, seqlen] windows; the last N % seqlen tokens are dropped."""
     if tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"tokens must have shape [1, N], got {list(tokens.shape)}")
+        raise EvaluationError(f"tokens must have shape [1, N], got {list(tokens.shape)}")
     if seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
+        raise EvaluationError(f"seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
     num_windows = tokens.shape[1] // seqlen
     if num_windows == 0:
-        raise ValueError(f"the evaluation text has {tokens.shape[1]} tokens, fewer than one window "
-                         f"of seqlen={seqlen}; lower --seqlen or give more text")
+        raise EvaluationError(f"the evaluation text has {tokens.shape[1]} tokens, fewer than one window "
+                              f"of seqlen={seqlen}; lower --seqlen or give more text")
     return tokens[0, :num_windows * seqlen].reshape(num_windows, seqlen)
 
 
@@ -120,8 +125,8 @@ def zero_shot(model_path: str, tasks: list[str], batch_size: int | str = 1, devi
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # one name, not its characters
     if not tasks:
-        raise ValueError("no zero-shot tasks given; name at least one, e.g. "
-                         f"--tasks {','.join(PAPER_ZERO_SHOT_TASKS)}")
+        raise EvaluationError("no zero-shot tasks given; name at least one, e.g. "
+                              f"--tasks {','.join(PAPER_ZERO_SHOT_TASKS)}")
     model_args = {"pretrained": str(model_path)}
     if dtype is not None:
         model_args["dtype"] = dtype
@@ -152,12 +157,12 @@ def _task_metric(results: dict, task: str, metric: str, required: bool = True) -
     """`metric` of `task` from lm-eval's results, whose keys are "<metric>,<filter>" (filter "none")."""
     task_results = results.get(task)
     if task_results is None:
-        raise ValueError(f"lm-eval returned no results for task {task!r} (got: {sorted(results)})")
+        raise EvaluationError(f"lm-eval returned no results for task {task!r} (got: {sorted(results)})")
     value = task_results.get(f"{metric},none")
     if value is None and required:
         available = sorted(key.split(",")[0] for key in task_results if "," in key)
-        raise ValueError(f"task {task!r} reports no {metric!r} (its metrics: {available}); "
-                         f"only tasks with an accuracy metric can be averaged")
+        raise EvaluationError(f"task {task!r} reports no {metric!r} (its metrics: {available}); "
+                              f"only tasks with an accuracy metric can be averaged")
     # lm-eval writes "N/A" for a stderr it could not compute.
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -255,8 +260,8 @@ def _hub_failure_advice(model: str):
     except OSError as exc:
         if Path(model).expanduser().is_dir():
             raise  # a local checkpoint with a problem: transformers' message says which
-        raise OSError(f"could not load model {model!r} from the Hugging Face hub ({exc}); if the "
-                      f"machine is offline, pass the path of a local checkpoint directory") from exc
+        raise EvaluationError(f"could not load model {model!r} from the Hugging Face hub ({exc}); if the "
+                              f"machine is offline, pass the path of a local checkpoint directory") from exc
 
 
 def _check_model_location(model: str) -> None:
@@ -264,21 +269,24 @@ def _check_model_location(model: str) -> None:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"model {model!r} is a file; pass the directory that holds the "
-                                     f"checkpoint (config.json, *.safetensors, tokenizer files)")
+            raise EvaluationError(f"model {model!r} is a file; pass the directory that holds the "
+                                  f"checkpoint (config.json, *.safetensors, tokenizer files)")
+        if not (path / "config.json").is_file():
+            raise EvaluationError(f"model directory {model!r} has no config.json; pass the directory of a "
+                                  f"Hugging Face checkpoint (config.json, *.safetensors, tokenizer files)")
         return
     # A hub id is "name" or "owner/name"; anything absolute, relative-looking or deeper is a path.
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
     if looks_like_path:
-        raise FileNotFoundError(f"model directory {model!r} does not exist; pass an existing "
-                                f"checkpoint directory or a hub id such as meta-llama/Llama-2-7b-hf")
+        raise EvaluationError(f"model directory {model!r} does not exist; pass an existing "
+                              f"checkpoint directory or a hub id such as meta-llama/Llama-2-7b-hf")
 
 
 def _torch_dtype(dtype: str | None) -> torch.dtype | str | None:
     if dtype is None:
         return None
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        raise EvaluationError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 

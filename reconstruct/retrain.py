@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .api import RetrainConfig
+from .api import ConfigError, RetrainConfig
 from .corrections import CorrectionError, CorrectionOptions, make_correction
 from .driver import package_versions, zero_count
 from .fit import autocast_for, linear_schedule
@@ -409,9 +409,9 @@ class Retrainer:
     def resume(self) -> int:
         state = distributed.on_main(self.run_dir.load_state, "reading the resume point")
         if state.get("command") != "retrain" or state["fingerprint"] != self.config.fingerprint():
-            raise ValueError(f"the unfinished run in {self.run_dir.work} was started with different settings "
-                             "(or by another command); rerun without --resume (and with --overwrite if "
-                             "needed) to start over")
+            raise ConfigError(f"the unfinished run in {self.run_dir.work} was started with different settings "
+                              "(or by another command); rerun without --resume (and with --overwrite if "
+                              "needed) to start over")
         saved = torch.load(self.run_dir.work / TRAINING_STATE, weights_only=True)
         with torch.no_grad():
             for parameter, value in zip(self.trainable_parameters, saved["trainable"], strict=True):

@@ -172,12 +172,17 @@ def test_evaluate_says_when_zero_shot_starts_and_ends(model_dir, monkeypatch, ca
 
 
 def test_evaluate_rejects_a_missing_local_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(evaluation.EvaluationError, match="does not exist"):
         evaluate(str(tmp_path / "no-such-model"), data=[str(EVAL_TEXT)], seqlen=SEQLEN)
 
 
+def test_evaluate_rejects_a_directory_without_a_checkpoint(tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="has no config.json"):
+        evaluate(str(tmp_path), data=[str(EVAL_TEXT)], seqlen=SEQLEN)
+
+
 def test_evaluate_with_an_unreachable_hub_id_says_to_use_a_local_directory():
-    with pytest.raises(OSError, match="pass the path of a local checkpoint directory"):
+    with pytest.raises(evaluation.EvaluationError, match="pass the path of a local checkpoint directory"):
         evaluate("nobody/no-such-model", data=[str(EVAL_TEXT)], seqlen=SEQLEN)
 
 
@@ -194,5 +199,5 @@ def test_evaluate_checks_every_data_source_before_loading_the_model(model_dir, t
 
 
 def test_evaluate_rejects_an_unknown_dtype(model_dir):
-    with pytest.raises(ValueError, match="unknown dtype 'fp13'"):
+    with pytest.raises(evaluation.EvaluationError, match="unknown dtype 'fp13'"):
         evaluate(str(model_dir), data=[str(EVAL_TEXT)], seqlen=SEQLEN, dtype="fp13")

@@ -2,12 +2,98 @@
 (exit 1), anything else as a bug with its traceback (exit 1); messages name the command's own flags."""
 from __future__ import annotations
 
+import ast
+import errno
+import importlib
 import json
+from pathlib import Path
 
 import pytest
 
 from reconstruct import cli
-from reconstruct.cli import EXIT_BAD_INPUT
+from reconstruct.api import ConfigError
+from reconstruct.failures import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, NOT_BAD_INPUT, class_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def defined_error_classes() -> set[str]:
+    """module.Class of every class named *Error defined in the package's sources."""
+    found = set()
+    for path in [*(ROOT / "reconstruct").rglob("*.py"), *(ROOT / "calib").rglob("*.py")]:
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found |= {f"{module}.{node.name}" for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.ClassDef) and node.name.endswith("Error")}
+    return found
+
+
+def _resolve(name: str) -> type:
+    module, _, class_ = name.rpartition(".")
+    return getattr(importlib.import_module(module), class_)
+
+
+def test_every_error_class_of_the_package_is_classified_by_its_current_name():
+    for name in BAD_INPUT_ERRORS | NOT_BAD_INPUT:
+        cls = _resolve(name)
+        assert issubclass(cls, Exception) and class_name(cls) == name
+    # A class moved or added without updating failures.py would be reported as a bug.
+    bad_input = tuple(map(_resolve, BAD_INPUT_ERRORS))
+    unclassified = [name for name in sorted(defined_error_classes() - BAD_INPUT_ERRORS - NOT_BAD_INPUT)
+                    if not issubclass(_resolve(name), bad_input)]
+    assert not unclassified
+
+
+def eval_failing_with(monkeypatch, error: BaseException):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_eval", fail)
+    return cli.main(["eval", "some-model"])
+
+
+@pytest.mark.parametrize("error", [ValueError("an unforeseen value"), TypeError("wrong type"),
+                                   json.JSONDecodeError("Expecting value", "{", 1),
+                                   ModuleNotFoundError("No module named 'pyarrow'", name="pyarrow"),
+                                   OSError(errno.EIO, "Input/output error")],
+                         ids=["ValueError", "TypeError", "JSONDecodeError", "ModuleNotFoundError", "EIO"])
+def test_an_error_we_did_not_raise_about_the_input_is_a_bug_with_its_traceback(monkeypatch, capsys, error):
+    code = eval_failing_with(monkeypatch, error)
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED
+    assert err.startswith("Traceback (most recent call last):")
+    assert f"reconstruct eval: internal error: {type(error).__name__}: {error}\n" in err
+    assert err.endswith("please report it with the command line, the traceback above and the output of "
+                        "`pip list`\n")
+
+
+@pytest.mark.parametrize("error, shown", [
+    (ConfigError("--sparsity 1.5 is outside [0, 1)"), "--sparsity 1.5 is outside [0, 1)"),
+    (ImportError("zero-shot evaluation needs lm-evaluation-harness; install it with: pip install "
+                 "reconstruct[eval]"), "zero-shot evaluation needs lm-evaluation-harness; install it with: "
+                                       "pip install reconstruct[eval]"),
+], ids=["ConfigError", "missing-extra"])
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, error, shown):
+    assert eval_failing_with(monkeypatch, error) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"reconstruct eval: error: {shown}\n"
+
+
+def test_a_full_disk_is_one_line_and_exit_1(monkeypatch, capsys):
+    error = OSError(errno.ENOSPC, "No space left on device", "/data/out.partial/model-00001.safetensors")
+    assert eval_failing_with(monkeypatch, error) == EXIT_FAILED
+    assert capsys.readouterr().err == ("reconstruct eval: error: No space left on device: "
+                                       "/data/out.partial/model-00001.safetensors\n")
+
+
+@pytest.mark.parametrize("command, shown", [("eval", "interrupted\n"),
+                                            ("retrain", "interrupted: rerun the same command with --resume "
+                                                        "to continue\n")])
+def test_an_interrupt_mentions_resume_only_where_the_command_has_it(monkeypatch, capsys, command, shown):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"run_{command}", interrupted)
+    assert cli.main([command, "some-model", *(["--out", "x"] if command == "retrain" else [])]) == 130
+    assert capsys.readouterr().err == shown
 
 
 @pytest.fixture
