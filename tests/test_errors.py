@@ -137,7 +137,8 @@ def test_non_empty_output_refused_then_overwritten_cli(llama, sample_text, token
     code = main(_cli_args(llama, out, sample_text, token_cache))
     captured = capsys.readouterr()
     assert code == EXIT_BAD_INPUT
-    assert "exists and is not empty; pass --overwrite" in captured.err
+    assert captured.err == (f"reconstruct prune: error: output directory {out} exists and is not empty; pass "
+                            "--overwrite to replace it, or choose another --out\n")  # one line, no [Errno 17]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not _partial(out).exists()
 

@@ -123,3 +123,20 @@ def test_a_non_json_error_while_fitting_keeps_its_type(tiny_checkpoint, prune_ti
     monkeypatch.setattr(reconstruct.driver, "fit_correction", fit_fails)
     with pytest.raises(json.JSONDecodeError):
         prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="masklora", steps=1)
+
+
+def test_an_existing_output_with_an_unfinished_run_names_both_flags(llama, sample_text, token_cache, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "state.json").write_text("{}")  # an --overwrite run, interrupted
+    code = cli.main(["prune", str(llama), "--out", str(out), "--correction", "none",
+                     "--calib", str(sample_text), "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
+                     "--cache-dir", str(token_cache), "--resume"])
+    assert code == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == (
+        f"reconstruct prune: error: output directory {out} exists and is not empty; pass --overwrite to "
+        f"replace it (with --resume to continue the unfinished run in {tmp_path / 'out.partial'}), or choose "
+        "another --out\n")
