@@ -23,7 +23,7 @@ def offline_reason() -> str | None:
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    if datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE:
+    if _datasets_offline(datasets.config) or constants.HF_HUB_OFFLINE:
         return "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
     try:
         get_session().head(datasets.config.HF_ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
@@ -42,9 +42,19 @@ def offline_mode() -> Iterator[None]:
     import datasets.config
     from huggingface_hub import constants
 
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    # datasets consults HF_HUB_OFFLINE; versions before it was added consulted HF_DATASETS_OFFLINE.
+    names = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, name)]
+    saved = [getattr(datasets.config, name) for name in names], constants.HF_HUB_OFFLINE
+    for name in names:
+        setattr(datasets.config, name, True)
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+        for name, value in zip(names, saved[0]):
+            setattr(datasets.config, name, value)
+        constants.HF_HUB_OFFLINE = saved[1]
+
+
+def _datasets_offline(config) -> bool:
+    return bool(getattr(config, "HF_HUB_OFFLINE", False) or getattr(config, "HF_DATASETS_OFFLINE", False))

@@ -49,6 +49,7 @@ def set_offline_mode(monkeypatch, value: bool) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1" if value else "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", value)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", value)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", value, raising=False)
 
 
 @pytest.fixture
