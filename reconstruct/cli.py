@@ -139,8 +139,12 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     loop.add_argument("--warmup", type=float, default=d.warmup,
                       help="fraction of steps with linear warm-up, then linear decay (default: %(default)s)")
-    loop.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default: %(default)s)")
-    loop.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; s = alpha/r (default: %(default)s)")
+    loop.add_argument("--rank", type=int, default=d.rank,
+                      help="LoRA rank r (default: %(default)s; prune's 64 was chosen by a sweep of per-block "
+                      "repair, docs/benchmarks.md, which retraining has not had)")
+    loop.add_argument("--alpha", type=float, default=d.alpha,
+                      help="LoRA alpha; scale s = alpha/r (default: %(default)s, so s = 2 at the default rank; "
+                      "with another --rank pass --alpha 2·rank to keep s = 2, prune's default)")
     loop.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, about a third slower")
     loop.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -300,6 +304,8 @@ def run_demo(args) -> int:
                         overwrite=True)
     print(f"  retrain: held-out loss {retrained['heldout_before']:.4f} -> {retrained['heldout_after']:.4f} "
           f"({'merged' if retrained['merged'] else 'not merged'}), sparsity {retrained['totals']['sparsity_after']:.4f}")
+    print("demo: the perplexities below are a smoke test, not a measure of quality: a random tiny model, "
+          "scored on the text it was calibrated and retrained on (so the retrained model can beat the dense one)")
     evaluate(str(model), data=[str(text)], seqlen=64, device="cpu")
     evaluate(str(root / "pruned"), data=[str(text)], seqlen=64, device="cpu")
     evaluate(str(root / "retrained"), data=[str(text)], seqlen=64, device="cpu")
