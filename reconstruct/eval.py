@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calib import eval_tokens
+from calib import eval_tokens, hub
 
 from .progress import Progress, format_duration
 
@@ -254,14 +254,19 @@ def load_model(model: str, dtype: torch.dtype | str | None, device: str):
 
 @contextlib.contextmanager
 def _hub_failure_advice(model: str):
-    """Turn a failure to fetch `model` from the hub into advice to use a local directory."""
+    """Turn a failure to fetch `model` from the hub into advice to use a local directory. Without
+    the hub, only the local cache is looked in (`calib.hub`): at once, instead of after retries."""
+    local = Path(model).expanduser().is_dir()
+    unavailable = None if local else hub.offline_reason()
     try:
-        yield
+        with hub.offline_mode() if unavailable else contextlib.nullcontext():
+            yield
     except OSError as exc:
-        if Path(model).expanduser().is_dir():
+        if local:
             raise  # a local checkpoint with a problem: transformers' message says which
-        raise EvaluationError(f"could not load model {model!r} from the Hugging Face hub ({exc}); if the "
-                              f"machine is offline, pass the path of a local checkpoint directory") from exc
+        why = f"{unavailable}, and it is not in the local cache" if unavailable else str(exc)
+        raise EvaluationError(f"could not load model {model!r} from the Hugging Face hub ({why}); pass the "
+                              f"path of a local checkpoint directory instead") from exc
 
 
 def _check_model_location(model: str) -> None:

@@ -159,3 +159,17 @@ def test_eval_command_without_the_hub_prints_one_line(tiny_checkpoint, unreachab
     assert captured.err.startswith("reconstruct eval: error: the test split of hub dataset Salesforce/wikitext")
     assert "e.g. wikitext2_test.txt " in captured.err
     assert elapsed < AT_ONCE_S
+
+
+def test_eval_of_a_hub_model_without_the_hub_prints_one_line_at_once(unreachable_hub, capfd):
+    started = time.monotonic()
+    code = main(["eval", "nobody/no-such-model", "--seqlen", str(SEQLEN), "--device", "cpu"])
+    elapsed = time.monotonic() - started
+    captured = capfd.readouterr()
+    assert code == EXIT_BAD_INPUT
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("reconstruct eval: error: could not load model 'nobody/no-such-model' from the "
+                                   f"Hugging Face hub (the hub at {unreachable_hub} cannot be reached (ConnectError: ")
+    assert captured.err.endswith("Connection refused), and it is not in the local cache); pass the path of a local "
+                                 "checkpoint directory instead\n")
+    assert elapsed < AT_ONCE_S
