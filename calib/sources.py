@@ -17,6 +17,7 @@ of `calib.calibration` and `calib.evaluation`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -36,6 +37,14 @@ DOCUMENT_EXTENSIONS = (".jsonl", ".parquet")
 LOCAL_EXTENSIONS = TEXT_EXTENSIONS + DOCUMENT_EXTENSIONS
 
 LOCAL_FILE_HINT = "pass a local .txt, .jsonl or .parquet file instead"
+# The local copy of each hub split that gives the same windows, named in the error when the hub
+# cannot be used; docs/evaluation.md ("Working offline") shows how each is made.
+OFFLINE_COPIES = {
+    (WIKITEXT_DATASET, "train"): "wikitext2_train.txt",
+    (WIKITEXT_DATASET, "test"): "wikitext2_test.txt",
+    (C4_DATASET, "train"): "c4-train.00000-of-01024.jsonl",
+    (C4_DATASET, "validation"): "c4_validation.txt",
+}
 
 
 def is_hub_source(source: str) -> bool:
@@ -47,21 +56,28 @@ def load_hub_split(dataset: str, split: str, *, config: str | None = None,
                    data_file: str | None = None):
     """Load one split of a hub dataset with `datasets`, or explain why it cannot be had.
 
-    Any failure (no network, HF_HUB_OFFLINE=1 with nothing cached, a renamed dataset, missing
-    authentication) ends the same way for the user: use a local file. The original exception is
-    chained so that its details are not lost.
+    When the hub is offline or unreachable (`calib.hub`), only the local `datasets` cache is looked
+    in, so that the answer comes at once instead of after a minute of retries. Any failure (no
+    network and nothing cached, a renamed dataset, missing authentication) ends the same way for
+    the user: use a local file, and the message names one. The original exception is chained.
     """
     from datasets import load_dataset
 
+    from calib import hub
+
     data_files = {split: data_file} if data_file else None
+    what = dataset + (f" ({config})" if config else "") + (f", file {data_file}" if data_file else "")
+    unavailable = hub.offline_reason()
     try:
-        return load_dataset(dataset, config, data_files=data_files, split=split)
+        with hub.offline_mode() if unavailable else contextlib.nullcontext():
+            return load_dataset(dataset, config, data_files=data_files, split=split)
     except Exception as exc:  # noqa: BLE001 -- every failure mode gets the same advice
-        what = f"{dataset}" + (f" ({config})" if config else "") + (f" file {data_file}" if data_file else "")
+        why = (f"{unavailable}, and it is not in the local `datasets` cache" if unavailable
+               else f"loading it failed ({type(exc).__name__}: {exc})")
         raise CalibrationError(
-            f"could not load the {split} split of hub dataset {what}: {type(exc).__name__}: {exc}. "
-            f"The hub is unreachable or offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and the "
-            f"dataset is not in the local `datasets` cache; {LOCAL_FILE_HINT}."
+            f"the {split} split of hub dataset {what} cannot be used: {why}; {LOCAL_FILE_HINT}, "
+            f"e.g. {OFFLINE_COPIES.get((dataset, split), 'an export of it')} made once on a machine "
+            f"with network as docs/evaluation.md (\"Working offline\") shows."
         ) from exc
 
 

@@ -12,11 +12,9 @@ from . import distributed
 from .config import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig,
                      RunConfig, default_device)
 from .corrections import choices as correction_choices
+from .failures import EXIT_BAD_INPUT, EXIT_FAILED, report_failure
 from .pruning import METHODS
 from .timing import process_age_seconds
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
 
 DEFAULTS = RunConfig(model="", out="")
 
@@ -141,8 +139,12 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     loop.add_argument("--warmup", type=float, default=d.warmup,
                       help="fraction of steps with linear warm-up, then linear decay (default: %(default)s)")
-    loop.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default: %(default)s)")
-    loop.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; s = alpha/r (default: %(default)s)")
+    loop.add_argument("--rank", type=int, default=d.rank,
+                      help="LoRA rank r (default: %(default)s; prune's 64 was chosen by a sweep of per-block "
+                      "repair, docs/benchmarks.md, which retraining has not had)")
+    loop.add_argument("--alpha", type=float, default=d.alpha,
+                      help="LoRA alpha; scale s = alpha/r (default: %(default)s, so s = 2 at the default rank; "
+                      "with another --rank pass --alpha 2·rank to keep s = 2, prune's default)")
     loop.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, about a third slower")
     loop.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -302,6 +304,8 @@ def run_demo(args) -> int:
                         overwrite=True)
     print(f"  retrain: held-out loss {retrained['heldout_before']:.4f} -> {retrained['heldout_after']:.4f} "
           f"({'merged' if retrained['merged'] else 'not merged'}), sparsity {retrained['totals']['sparsity_after']:.4f}")
+    print("demo: the perplexities below are a smoke test, not a measure of quality: a random tiny model, "
+          "scored on the text it was calibrated and retrained on (so the retrained model can beat the dense one)")
     evaluate(str(model), data=[str(text)], seqlen=64, device="cpu")
     evaluate(str(root / "pruned"), data=[str(text)], seqlen=64, device="cpu")
     evaluate(str(root / "retrained"), data=[str(text)], seqlen=64, device="cpu")
@@ -324,20 +328,17 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.command](args)
         return _import(_EXTRA_COMMANDS[args.command][0]).main(args)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        resumable = args.command in ("prune", "retrain")
+        print("interrupted" + (": rerun the same command with --resume to continue" if resumable else ""),
+              file=sys.stderr)
         return 130
     except distributed.DistributedError as error:  # another rank failed, or the ranks disagree
         if args.verbose:
             logging.exception("details")
         print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (ValueError, OSError, ImportError) as error:
-        # Our own errors (bad settings, data, model, output) are ValueError/OSError subclasses with a
-        # message that says what to do; a traceback would only hide it.
-        if args.verbose:
-            logging.exception("details")
-        print(f"reconstruct {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as error:  # noqa: BLE001 -- bad input, the machine, or a bug: failures.py says which
+        return report_failure(args.command, error, args.verbose)
     finally:
         if argv is None:
             # The process ends next. Its last garbage collection would walk every object torch and

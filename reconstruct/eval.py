@@ -24,12 +24,16 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from calib import eval_tokens
+from calib import eval_tokens, hub
+
+from .progress import Progress, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -40,31 +44,40 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "auto": "auto"}
 
 
+class EvaluationError(ValueError):
+    """The evaluation cannot run on the given input (model location, data, settings, tasks); the
+    message says what to change."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Perplexity
 
 
 def perplexity(model, tokens: torch.LongTensor, seqlen: int, batch_size: int = 1,
-               device: str | torch.device = "cpu") -> float:
+               device: str | torch.device = "cpu", progress: str | None = None) -> float:
     """exp(mean next-token NLL) over non-overlapping seqlen windows of `tokens` [1, N], tail dropped.
 
     The model must already be on `device` (only the token windows are moved there). It is run in
     eval mode without gradients or KV cache; its previous train/eval mode is restored afterwards.
+    `progress`: a description to show progress over the windows under (`reconstruct.progress`);
+    None shows nothing.
     """
     windows = _perplexity_windows(tokens, seqlen)
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise EvaluationError(f"batch_size must be positive, got {batch_size}")
     total_nll = 0.0  # a Python float is a double: no precision lost summing ~10^6 token losses
     predicted_tokens = 0
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        shown = Progress(len(windows), progress or "", "window", enabled=progress is not None)
+        with torch.no_grad(), shown:
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 total_nll += _next_token_nll_sum(logits, batch)
                 predicted_tokens += batch.shape[0] * (seqlen - 1)
+                shown.update(batch.shape[0], f"ppl so far {math.exp(total_nll / predicted_tokens):.4g}")
     finally:
         model.train(was_training)
     return math.exp(total_nll / predicted_tokens)
@@ -73,13 +86,13 @@ def perplexity(model, tokens: torch.LongTensor, seqlen: int, batch_size: int = 1
 def _perplexity_windows(tokens: torch.LongTensor, seqlen: int) -> torch.LongTensor:
     """`tokens` [1, N] as [N // seqlen, seqlen] windows; the last N % seqlen tokens are dropped."""
     if tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"tokens must have shape [1, N], got {list(tokens.shape)}")
+        raise EvaluationError(f"tokens must have shape [1, N], got {list(tokens.shape)}")
     if seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
+        raise EvaluationError(f"seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
     num_windows = tokens.shape[1] // seqlen
     if num_windows == 0:
-        raise ValueError(f"the evaluation text has {tokens.shape[1]} tokens, fewer than one window "
-                         f"of seqlen={seqlen}; lower --seqlen or give more text")
+        raise EvaluationError(f"the evaluation text has {tokens.shape[1]} tokens, fewer than one window "
+                              f"of seqlen={seqlen}; lower --seqlen or give more text")
     return tokens[0, :num_windows * seqlen].reshape(num_windows, seqlen)
 
 
@@ -112,8 +125,8 @@ def zero_shot(model_path: str, tasks: list[str], batch_size: int | str = 1, devi
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # one name, not its characters
     if not tasks:
-        raise ValueError("no zero-shot tasks given; name at least one, e.g. "
-                         f"--tasks {','.join(PAPER_ZERO_SHOT_TASKS)}")
+        raise EvaluationError("no zero-shot tasks given; name at least one, e.g. "
+                              f"--tasks {','.join(PAPER_ZERO_SHOT_TASKS)}")
     model_args = {"pretrained": str(model_path)}
     if dtype is not None:
         model_args["dtype"] = dtype
@@ -144,12 +157,12 @@ def _task_metric(results: dict, task: str, metric: str, required: bool = True) -
     """`metric` of `task` from lm-eval's results, whose keys are "<metric>,<filter>" (filter "none")."""
     task_results = results.get(task)
     if task_results is None:
-        raise ValueError(f"lm-eval returned no results for task {task!r} (got: {sorted(results)})")
+        raise EvaluationError(f"lm-eval returned no results for task {task!r} (got: {sorted(results)})")
     value = task_results.get(f"{metric},none")
     if value is None and required:
         available = sorted(key.split(",")[0] for key in task_results if "," in key)
-        raise ValueError(f"task {task!r} reports no {metric!r} (its metrics: {available}); "
-                         f"only tasks with an accuracy metric can be averaged")
+        raise EvaluationError(f"task {task!r} reports no {metric!r} (its metrics: {available}); "
+                              f"only tasks with an accuracy metric can be averaged")
     # lm-eval writes "N/A" for a stderr it could not compute.
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -194,8 +207,10 @@ def evaluate(model: str, data: list[str] | tuple[str, ...] | str = ("wikitext2",
         language_model = load_model(model, torch_dtype, device)
         results["dtype"] = str(language_model.dtype).removeprefix("torch.")
         _warn_if_beyond_context(language_model, seqlen)
-        for source, tokens in token_streams.items():
-            results["perplexity"][source] = perplexity(language_model, tokens, seqlen, batch_size, device)
+        for number, (source, tokens) in enumerate(token_streams.items(), start=1):
+            of_all = f" ({number}/{len(token_streams)})" if len(token_streams) > 1 else ""
+            results["perplexity"][source] = perplexity(language_model, tokens, seqlen, batch_size, device,
+                                                       progress=f"eval {source}{of_all}")
             results["eval_windows"][source] = tokens.shape[1] // seqlen
         # lm-eval loads its own copy of the model: free ours first so that only one is in memory.
         del language_model
@@ -203,8 +218,15 @@ def evaluate(model: str, data: list[str] | tuple[str, ...] | str = ("wikitext2",
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if tasks:
+        # lm-eval runs the tasks' requests together, with its own progress bar over them: these
+        # lines say what that bar is about, and how long it took.
+        started = time.monotonic()
+        print(f"eval zero-shot: {len(tasks)} task(s) with lm-eval: {', '.join(tasks)}", file=sys.stderr,
+              flush=True)
         results["zero_shot"] = zero_shot(model, tasks, batch_size=batch_size, device=device,
                                          limit=limit, include_path=include_path, dtype=dtype)
+        print(f"eval zero-shot: done in {format_duration(time.monotonic() - started)}", file=sys.stderr,
+              flush=True)
     print(markdown_table(results), end="\n\n")
     if output_json is not None:
         _write_json(results, Path(output_json))
@@ -232,14 +254,19 @@ def load_model(model: str, dtype: torch.dtype | str | None, device: str):
 
 @contextlib.contextmanager
 def _hub_failure_advice(model: str):
-    """Turn a failure to fetch `model` from the hub into advice to use a local directory."""
+    """Turn a failure to fetch `model` from the hub into advice to use a local directory. Without
+    the hub, only the local cache is looked in (`calib.hub`): at once, instead of after retries."""
+    local = Path(model).expanduser().is_dir()
+    unavailable = None if local else hub.offline_reason()
     try:
-        yield
+        with hub.offline_mode() if unavailable else contextlib.nullcontext():
+            yield
     except OSError as exc:
-        if Path(model).expanduser().is_dir():
+        if local:
             raise  # a local checkpoint with a problem: transformers' message says which
-        raise OSError(f"could not load model {model!r} from the Hugging Face hub ({exc}); if the "
-                      f"machine is offline, pass the path of a local checkpoint directory") from exc
+        why = f"{unavailable}, and it is not in the local cache" if unavailable else str(exc)
+        raise EvaluationError(f"could not load model {model!r} from the Hugging Face hub ({why}); pass the "
+                              f"path of a local checkpoint directory instead") from exc
 
 
 def _check_model_location(model: str) -> None:
@@ -247,21 +274,24 @@ def _check_model_location(model: str) -> None:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"model {model!r} is a file; pass the directory that holds the "
-                                     f"checkpoint (config.json, *.safetensors, tokenizer files)")
+            raise EvaluationError(f"model {model!r} is a file; pass the directory that holds the "
+                                  f"checkpoint (config.json, *.safetensors, tokenizer files)")
+        if not (path / "config.json").is_file():
+            raise EvaluationError(f"model directory {model!r} has no config.json; pass the directory of a "
+                                  f"Hugging Face checkpoint (config.json, *.safetensors, tokenizer files)")
         return
     # A hub id is "name" or "owner/name"; anything absolute, relative-looking or deeper is a path.
     looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
     if looks_like_path:
-        raise FileNotFoundError(f"model directory {model!r} does not exist; pass an existing "
-                                f"checkpoint directory or a hub id such as meta-llama/Llama-2-7b-hf")
+        raise EvaluationError(f"model directory {model!r} does not exist; pass an existing "
+                              f"checkpoint directory or a hub id such as meta-llama/Llama-2-7b-hf")
 
 
 def _torch_dtype(dtype: str | None) -> torch.dtype | str | None:
     if dtype is None:
         return None
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        raise EvaluationError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 

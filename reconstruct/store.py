@@ -51,8 +51,10 @@ class ActivationStore:
                     if handle.readinto(memoryview(view).cast("B")) != view.nbytes:
                         raise ValueError("file shorter than the store")
         except (OSError, ValueError) as error:
-            raise OSError(f"cannot read the saved activations {path} ({error}); rerun without --resume "
-                          "to start over") from error
+            from .writer import OutputError
+
+            raise OutputError(f"cannot read the saved activations {path} ({error}); rerun without --resume "
+                              "to start over") from error
         return store
 
     @property

@@ -196,7 +196,7 @@ def test_every_correction_runs_on_opt(correction, tiny_checkpoint, prune_tiny, t
 
 
 def test_bias_correction_on_llama_says_why_before_any_work(tiny_checkpoint, prune_tiny, tmp_path):
-    with pytest.raises(CorrectionError, match="correction 'bias': this model's linear layers have no biases"):
+    with pytest.raises(CorrectionError, match="--correction bias, block 0 unit block: this model's linear layers have no biases"):
         prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="bias", steps=2)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 

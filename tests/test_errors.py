@@ -76,9 +76,9 @@ CASES = [
     ("too-few-tokens", "llama", {"nsamples": 400, "seqlen": 128}, CalibrationError,
      r"has \d+ tokens, but 400 windows of 128 tokens need at least 51200"),
     ("bias-without-biases", "llama", {"correction": "bias"}, CorrectionError,
-     r"block 0 unit block: correction 'bias': this model's linear layers have no biases"),
+     r"--correction bias, block 0 unit block: this model's linear layers have no biases"),
     ("norm-unit-without-norms", "llama", {"correction": "norm", "granularity": "sublayer"}, CorrectionError,
-     r"block 0 unit self_attn: correction 'norm': this unit has no normalisation layers"),
+     r"--correction norm, block 0 unit self_attn: this unit has no normalisation layers"),
 ]
 
 
@@ -137,7 +137,8 @@ def test_non_empty_output_refused_then_overwritten_cli(llama, sample_text, token
     code = main(_cli_args(llama, out, sample_text, token_cache))
     captured = capsys.readouterr()
     assert code == EXIT_BAD_INPUT
-    assert "exists and is not empty; pass --overwrite" in captured.err
+    assert captured.err == (f"reconstruct prune: error: output directory {out} exists and is not empty; pass "
+                            "--overwrite to replace it, or choose another --out\n")  # one line, no [Errno 17]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not _partial(out).exists()
 

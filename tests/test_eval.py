@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,13 +148,41 @@ def test_evaluate_prints_a_table_writes_json_and_matches_perplexity(model_dir, t
     assert "| metric | value |" in printed and f"ppl (seqlen {SEQLEN})" in printed
 
 
+def test_evaluate_shows_progress_over_windows_and_sources_in_a_log(model_dir, tokens, tmp_path, capsys):
+    copy = tmp_path / "eval_copy.txt"
+    copy.write_text(EVAL_TEXT.read_text())
+    sources, windows = [str(EVAL_TEXT), str(copy)], tokens.shape[1] // SEQLEN
+    evaluate(str(model_dir), data=sources, seqlen=SEQLEN, cache_dir=tmp_path / "cache")
+    log = capsys.readouterr().err  # captured: not a terminal, so plain lines, not bars
+    for number, source in enumerate(sources, start=1):
+        shown = rf"^eval {re.escape(source)} \({number}/2\): "
+        assert re.search(shown + rf"1/{windows} windows .*; ppl so far \d", log, re.M), log
+        assert re.search(shown + rf"{windows}/{windows} windows \(100%\), .* elapsed; ppl so far", log, re.M), log
+
+
+def test_evaluate_says_when_zero_shot_starts_and_ends(model_dir, monkeypatch, capsys):
+    def fake_zero_shot(model, tasks, **settings):
+        print("lm-eval's own progress", file=sys.stderr)
+        return {"acc": {task: 0.5 for task in tasks}, "mean_acc": 0.5}
+
+    monkeypatch.setattr(evaluation, "zero_shot", fake_zero_shot)
+    evaluate(str(model_dir), data=[], tasks=["boolq", "rte"])
+    assert re.fullmatch(r"eval zero-shot: 2 task\(s\) with lm-eval: boolq, rte\nlm-eval's own progress\n"
+                        r"eval zero-shot: done in \d+ s\n", capsys.readouterr().err)
+
+
 def test_evaluate_rejects_a_missing_local_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(evaluation.EvaluationError, match="does not exist"):
         evaluate(str(tmp_path / "no-such-model"), data=[str(EVAL_TEXT)], seqlen=SEQLEN)
 
 
+def test_evaluate_rejects_a_directory_without_a_checkpoint(tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="has no config.json"):
+        evaluate(str(tmp_path), data=[str(EVAL_TEXT)], seqlen=SEQLEN)
+
+
 def test_evaluate_with_an_unreachable_hub_id_says_to_use_a_local_directory():
-    with pytest.raises(OSError, match="pass the path of a local checkpoint directory"):
+    with pytest.raises(evaluation.EvaluationError, match="pass the path of a local checkpoint directory"):
         evaluate("nobody/no-such-model", data=[str(EVAL_TEXT)], seqlen=SEQLEN)
 
 
@@ -169,5 +199,5 @@ def test_evaluate_checks_every_data_source_before_loading_the_model(model_dir, t
 
 
 def test_evaluate_rejects_an_unknown_dtype(model_dir):
-    with pytest.raises(ValueError, match="unknown dtype 'fp13'"):
+    with pytest.raises(evaluation.EvaluationError, match="unknown dtype 'fp13'"):
         evaluate(str(model_dir), data=[str(EVAL_TEXT)], seqlen=SEQLEN, dtype="fp13")

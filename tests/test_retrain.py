@@ -96,7 +96,7 @@ def test_half_precision_frozen_weights(dtype, pruned_models, sample_text, token_
 
 def test_bias_on_a_model_without_biases_fails_before_any_work(pruned_models, sample_text, token_cache,
                                                               tmp_path):
-    with pytest.raises(CorrectionError, match="no biases"):
+    with pytest.raises(CorrectionError, match="^--params bias: this model's linear layers have no biases"):
         retrain(pruned_models["llama"][1], tmp_path / "out", params="bias", **settings(sample_text, token_cache))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 

@@ -144,8 +144,10 @@ class RunDirectory:
     def prepare(self, overwrite: bool, resume: bool) -> bool:
         """Create the work directory; return True when an earlier run's state is there to resume."""
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            resumable = (f" (with --resume to continue the unfinished run in {self.work})"
+                         if (self.work / "state.json").exists() else "")  # an interrupted --overwrite run
             raise OutputError(errno.EEXIST, f"output directory {self.out} exists and is not empty; pass "
-                              "--overwrite to replace it, or choose another --out")
+                              f"--overwrite to replace it{resumable}, or choose another --out")
         if resume and (self.work / "state.json").exists():
             return True
         if self.work.exists():

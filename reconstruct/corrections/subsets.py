@@ -15,9 +15,9 @@ class BiasOnly(Correction):
     def attach(self, unit, masks, options, generator):
         biases = [(m, "bias") for m in unit.modules() if isinstance(m, nn.Linear) and m.bias is not None]
         if not biases:
-            raise CorrectionError(
-                "correction 'bias': this model's linear layers have no biases (e.g. the LLaMA family); "
-                "use --correction norm or masklora instead")
+            # No flag named here: prune calls it --correction, retrain --params; each adds its own.
+            raise CorrectionError("this model's linear layers have no biases (e.g. the LLaMA family); "
+                                  "choose norm or masklora instead")
         return train_in_fp32(biases, options.parameter_access)
 
 
@@ -28,6 +28,6 @@ class NormOnly(Correction):
         params = [(m, leaf) for m in unit.modules() if is_norm(m)
                   for leaf, p in m.named_parameters(recurse=False)]
         if not params:
-            raise CorrectionError("correction 'norm': this unit has no normalisation layers with weights "
-                                  "(with --granularity sublayer/linear the norms may lie outside the unit)")
+            raise CorrectionError("this unit has no normalisation layers with weights (with --granularity "
+                                  "sublayer/linear the norms may lie outside the unit)")
         return train_in_fp32(params, options.parameter_access)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import distributed
 from ..capture import call_block, first_output, kwargs_to, map_tensors
-from ..corrections import Correction, CorrectionOptions, make_correction
+from ..corrections import Correction, CorrectionError, CorrectionOptions, make_correction
 from ..fit import FitOptions, FitReport, fit_correction
 from ..memory import return_freed_memory
 from ..models import ModelAdapter
@@ -243,8 +243,9 @@ def fit_block_correction(index: int, block: nn.Module, dense_block: nn.Module | 
         try:
             report = fit_correction(root, recipe.correction, root_masks, run, target, train_ids, held_ids,
                                     recipe.fit_options, generator, device, block_dtype(block))
-        except ValueError as error:  # e.g. bias training on a model without biases
-            raise type(error)(f"block {index} unit {unit_name or 'block'}: {error}") from error
+        except CorrectionError as error:  # e.g. bias training on a model without biases
+            raise CorrectionError(f"--correction {recipe.correction.name}, block {index} unit "
+                                  f"{unit_name or 'block'}: {error}") from error
         report.note = f"{unit_name}: {report.note}" if unit_name and report.note else report.note
         reports.append((unit_name or "block", report))
     return reports

@@ -72,7 +72,8 @@ def check_correction_against_model(config, recipe: Recipe, adapter: ModelAdapter
             try:
                 recipe.correction.attach(root, root_masks, recipe.fit_options.correction, torch.Generator())
             except CorrectionError as error:
-                raise CorrectionError(f"block {index} unit {unit_name or 'block'}: {error}") from None
+                raise CorrectionError(f"--correction {config.correction}, block {index} unit "
+                                      f"{unit_name or 'block'}: {error}") from None
 
 
 def check_world_size(config, recipe: Recipe) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from .. import distributed
 from ..capture import catch_block0_inputs, catch_block_kwargs
+from ..config import ConfigError
 from ..memory import default_activation_budget
 from ..models import ModelAdapter
 from ..store import ActivationStore, StoreFactory
@@ -126,14 +127,14 @@ class RunState:
         def load():
             record = self.run_dir.load_state()
             if record["fingerprint"] != self.config.fingerprint():
-                raise ValueError(f"the unfinished run in {work} was started with different settings; "
-                                 "rerun without --resume (and with --overwrite if needed) to start over")
+                raise ConfigError(f"the unfinished run in {work} was started with different settings; "
+                                  "rerun without --resume (and with --overwrite if needed) to start over")
             started_with, now = record.get("world_size", 1), distributed.world_size()
             if started_with != now:  # each rank's activations hold its own share of the windows
-                raise ValueError(f"the unfinished run in {work} was started with {started_with} "
-                                 f"process(es), this one has {now}: resume it with the same number (torchrun "
-                                 f"--nproc_per_node {started_with}, or no torchrun for 1), or rerun without "
-                                 "--resume to start over")
+                raise ConfigError(f"the unfinished run in {work} was started with {started_with} "
+                                  f"process(es), this one has {now}: resume it with the same number (torchrun "
+                                  f"--nproc_per_node {started_with}, or no torchrun for 1), or rerun without "
+                                  "--resume to start over")
             return record, torch.load(work / "block_calls.pt", weights_only=False)
 
         self.record, self.block_calls = distributed.on_main(load, "reading the resume point")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import RetrainConfig
-from ..corrections import Correction, CorrectionOptions
+from ..corrections import Correction, CorrectionError, CorrectionOptions
 from ..models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from ..tensors import zero_count
 
@@ -37,7 +37,10 @@ def check_correction_against_model(adapter: ModelAdapter, correction: Correction
     trial = copy.deepcopy(adapter.model)
     masks = {name: torch.ones(linear.weight.shape, dtype=torch.bool, device="meta")
              for name, linear in prunable_linears_by_name(adapter).items()}
-    correction.attach(trial, masks, options, torch.Generator())
+    try:
+        correction.attach(trial, masks, options, torch.Generator())
+    except CorrectionError as error:
+        raise CorrectionError(f"--params {correction.name}: {error}") from None
 
 
 def open_teacher(config: RetrainConfig, student: ModelAdapter) -> nn.Module:

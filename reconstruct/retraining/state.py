@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import RetrainConfig
+from ..config import ConfigError, RetrainConfig
 from ..checkpoint import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def resume_training_state(run_dir: RunDirectory, config: RetrainConfig, device: 
     """Restore `training` (and the random state) from the unfinished run; return its step."""
     state = distributed.on_main(run_dir.load_state, "reading the resume point")
     if state.get("command") != "retrain" or state["fingerprint"] != config.fingerprint():
-        raise ValueError(f"the unfinished run in {run_dir.work} was started with different settings "
-                         "(or by another command); rerun without --resume (and with --overwrite if "
-                         "needed) to start over")
+        raise ConfigError(f"the unfinished run in {run_dir.work} was started with different settings "
+                          "(or by another command); rerun without --resume (and with --overwrite if "
+                          "needed) to start over")
     saved = torch.load(run_dir.work / TRAINING_STATE, weights_only=True)
     with torch.no_grad():
         for parameter, value in zip(training.parameters, saved["trainable"], strict=True):
