@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from reconstruct import cli
-from reconstruct.api import ConfigError
+from reconstruct.config import ConfigError
 from reconstruct.failures import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, NOT_BAD_INPUT, class_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,12 +115,12 @@ def test_retrain_names_its_own_flag_for_a_correction_the_model_cannot_take(llama
 def test_a_non_json_error_while_fitting_keeps_its_type(tiny_checkpoint, prune_tiny, monkeypatch, tmp_path):
     """The fit's errors were re-raised as type(error)(message), which fails for errors whose
     constructor takes more than a message, turning them into a TypeError."""
-    import reconstruct.driver
+    import reconstruct.layerwise.pipeline
 
     def fit_fails(*args, **kwargs):
         raise json.JSONDecodeError("Expecting value", "not json", 0)
 
-    monkeypatch.setattr(reconstruct.driver, "fit_correction", fit_fails)
+    monkeypatch.setattr(reconstruct.layerwise.pipeline, "fit_correction", fit_fails)
     with pytest.raises(json.JSONDecodeError):
         prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="masklora", steps=1)
 
