@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..capture import kwargs_to
+from ..checkpoint import BackgroundWrite, RunDirectory
 from ..lock import run_lock
 from ..memory import limit_heap_fragmentation, return_freed_memory
 from ..models import prunable_linears
 from ..prefetch import BlockPrefetcher
 from ..store import ActivationStore
 from ..timing import PhaseClock
-from ..checkpoint import BackgroundWrite, RunDirectory
 from .pipeline import DenseOutputs, Recipe, fit_block_correction, observe_block, prune_block, replay
 from .preflight import calibration_windows, check_world_size, open_checked_model
 from .report import LayerErrorMeter, block_entry, block_summary, block_times, final_report, layer_entries
