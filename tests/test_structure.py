@@ -32,13 +32,11 @@ def _runs_only_for_type_checkers(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
-    """Our modules that `name` imports anywhere in its body (except under `if TYPE_CHECKING:`).
-
-    `from package import thing` is an arrow to `package.thing` when that is a module, else to the
-    package itself."""
+def imported_names(name: str, path: Path) -> list[tuple[str, str | None]]:
+    """(module, imported name or None) for every import in `name`'s body (except under `if
+    TYPE_CHECKING:`), relative imports made absolute: `from .a import b` in package `p` is ("p.a", "b")."""
     is_package = path.name == "__init__.py"
-    targets = set()
+    imports = []
 
     def visit(node):
         if isinstance(node, ast.If) and _runs_only_for_type_checkers(node):
@@ -46,7 +44,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 visit(child)
             return
         if isinstance(node, ast.Import):
-            targets.update(alias.name for alias in node.names)
+            imports.extend((alias.name, None) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
@@ -54,13 +52,23 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module
-            for alias in node.names:
-                submodule = f"{source}.{alias.name}"
-                targets.add(submodule if submodule in known else source)
+            imports.extend((source, alias.name) for alias in node.names)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
     visit(ast.parse(path.read_text(), filename=str(path)))
+    return imports
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """Our modules that `name` imports anywhere in its body (except under `if TYPE_CHECKING:`).
+
+    `from package import thing` is an arrow to `package.thing` when that is a module, else to the
+    package itself."""
+    targets = set()
+    for source, imported in imported_names(name, path):
+        submodule = f"{source}.{imported}"
+        targets.add(submodule if imported and submodule in known else source)
     return {target for target in targets if target in known and target != name}
 
 
@@ -107,6 +115,16 @@ def test_relative_imports_resolve_to_modules(tmp_path):
     assert imported_modules("pkg.sub", package / "sub" / "__init__.py", known) == {"pkg.sub.leaf", "pkg.top"}
     assert imported_modules("pkg.sub.leaf", package / "sub" / "leaf.py", known) == {"pkg.top"}
     assert imported_modules("pkg.top", package / "top.py", known) == set()
+
+
+@pytest.mark.parametrize("name", sorted(module_files()))
+def test_every_import_of_our_packages_names_a_module_that_exists(name):
+    """An import left behind by a move (`from .writer import OutputError` after writer.py moved)
+    fails only when that line runs, often on an error path no other test reaches."""
+    known = set(module_files())
+    missing = sorted({source for source, _ in imported_names(name, module_files()[name])
+                      if source.split(".")[0] in PACKAGES and source not in known})
+    assert not missing, f"{name} imports modules that do not exist: {missing}"
 
 
 def test_no_import_cycle():
