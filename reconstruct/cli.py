@@ -143,8 +143,8 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
                       help="LoRA rank r (default: %(default)s; prune's 64 was chosen by a sweep of per-block "
                       "repair, docs/benchmarks.md, which retraining has not had)")
     loop.add_argument("--alpha", type=float, default=d.alpha,
-                      help="LoRA alpha; scale s = alpha/r (default: %(default)s, so s = 2 at the default rank; "
-                      "with another --rank pass --alpha 2·rank to keep s = 2, prune's default)")
+                      help="LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank, as "
+                      "in prune; 32 at the default rank)")
     loop.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, about a third slower")
     loop.add_argument("--eval-every", type=int, default=d.eval_every,

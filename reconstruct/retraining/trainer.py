@@ -48,7 +48,7 @@ class Retrainer:
         self.correction = make_correction(config.params)
         # Under --fsdp the corrections reach the parameters FSDP holds as shards their own way
         access = ShardedParameterAccess() if self.sharded else ParameterAccess()
-        self.options = CorrectionOptions(rank=config.rank, alpha=config.alpha, parameter_access=access)
+        self.options = CorrectionOptions(rank=config.rank, alpha=config.lora_alpha, parameter_access=access)
 
     # -- set-up: every check before any work -----------------------------------------------------------
     def open(self) -> None:
