@@ -139,6 +139,37 @@ def test_written_model_scores_the_reported_heldout_loss(pruned_models, sample_te
     assert len(report["loss_curve"]["loss"]) == 6
 
 
+@pytest.mark.parametrize("params", ["masklora+norm", "norm"])
+def test_the_guard_judges_the_input_as_read_and_the_output_as_written(params, pruned_models, sample_text,
+                                                                      token_cache, tmp_path):
+    """bf16 weights: the held-out loss reported before training is the input checkpoint's own, and
+    the one after is the written checkpoint's, reloaded, to the last bit (the same windows, the same
+    autocast forward). Before, B·A was rounded to bf16 inside autocast for the judgement and computed
+    in fp32 for the merge (outputs up to 0.008 apart), and the "before" loss was measured with fp32
+    copies of the norms attached."""
+    import calib
+    from transformers import AutoTokenizer
+
+    from reconstruct.fit import autocast_for
+    from reconstruct.retraining.losses import next_token_loss_sum
+
+    _, pruned = pruned_models["llama"]
+    report = retrain(pruned, tmp_path / "out", params=params, dtype="bf16",
+                     **settings(sample_text, token_cache, lr=3e-2))
+    _, validation = calib.training_windows(str(sample_text), AutoTokenizer.from_pretrained(pruned), 4 * 2, 2,
+                                           SEQLEN, seed=0, cache_dir=token_cache)
+
+    def heldout_loss(checkpoint) -> float:
+        model = open_model(checkpoint, torch.bfloat16).load_all().eval()
+        with torch.no_grad(), autocast_for(torch.device("cpu"), torch.bfloat16):
+            logits = model(input_ids=validation, use_cache=False).logits
+        return float(next_token_loss_sum(logits, validation)) / validation[:, 1:].numel()
+
+    assert report["merged"] and report["heldout_after"] != report["heldout_before"]
+    assert report["heldout_before"] == heldout_loss(pruned)
+    assert report["heldout_after"] == heldout_loss(tmp_path / "out")
+
+
 def test_reproducible(pruned_models, sample_text, token_cache, tmp_path):
     _, pruned = pruned_models["opt"]
     for name in ("a", "b"):

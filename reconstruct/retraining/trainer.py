@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Retrainer:
         # Under --fsdp the corrections reach the parameters FSDP holds as shards their own way
         access = ShardedParameterAccess() if self.sharded else ParameterAccess()
         self.options = CorrectionOptions(rank=config.rank, alpha=config.lora_alpha, parameter_access=access)
+        self.attachment = None  # the correction, once attached (prepare_training)
 
     # -- set-up: every check before any work -----------------------------------------------------------
     def open(self) -> None:
@@ -98,12 +100,16 @@ class Retrainer:
                                                                   "reading the training data")
         resuming = distributed.on_main(lambda: self.run_dir.prepare(config.overwrite, config.resume),
                                        "preparing the output directory")
+        # The guard's "before": the input model itself, before anything is attached. Under --fsdp the
+        # model reaches the devices only once sharded, with the correction attached: its merged view
+        # at step 0 (the identity for every correction but ScaleLoRA at a rank whose 1/√r rounds).
+        before = None if resuming or self.sharded else self.heldout_loss()
         self.prepare_training()
         if resuming:
             step = resume_training_state(self.run_dir, config, self.device, self.training)
         else:
             step = 0
-            self.training.history["heldout"].append([0, self.heldout_loss()])
+            self.training.history["heldout"].append([0, self.heldout_loss() if before is None else before])
         self.train(step)
         verdict = self.merge_if_not_worse()
         report = final_report(config, verdict, self.training.history,
@@ -225,12 +231,16 @@ class Retrainer:
 
     @torch.no_grad()
     def heldout_loss(self) -> float:
-        """Mean next-token loss on the validation windows (documents never trained on)."""
+        """Mean next-token loss on the validation windows (documents never trained on), of the model
+        as it would be written now (the merged view, once a correction is attached: not the model
+        with fp32 copies of its trained parameters); at the end, the checkpoint the never-worse
+        guard lets through."""
         was_training = self.model.training
         self.model.eval()
         total = 0.0
+        as_written = self.attachment.merged_view if self.attachment else nullcontext
         for ids, counted in self.passes(self.validation):
-            with autocast_for(self.device, self.compute_dtype):
+            with as_written(), autocast_for(self.device, self.compute_dtype):
                 loss = float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
             total += loss if counted else 0.0
         self.model.train(was_training)
@@ -241,9 +251,8 @@ class Retrainer:
     def merge_if_not_worse(self) -> dict:
         """Judge the model exactly as it would be written; merge the correction only if its held-out loss
         is finite and no worse than the input's (the never-worse guard), else keep the input's weights."""
-        before = self.training.history["heldout"][0][1]
-        with self.attachment.merged_view():
-            after = self.heldout_loss()
+        before = self.training.history["heldout"][0][1]  # the input model's, measured at step 0
+        after = self.heldout_loss()
         merged = math.isfinite(after) and after <= before
         if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
             distributed.unshard_model_(self.model, "cpu")
