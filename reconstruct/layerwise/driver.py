@@ -79,6 +79,7 @@ class Driver:
 
     def _run(self, run_dir: RunDirectory) -> RunResult:
         config, clock = self.config, self.clock
+        distributed.on_main(lambda: run_dir.check_output(config.overwrite), "checking the output directory")
         with clock.phase("open"):
             self.adapter, self.pruned_source = open_checked_model(config, self.recipe)
             check_world_size(config, self.recipe)

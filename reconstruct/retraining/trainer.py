@@ -94,6 +94,7 @@ class Retrainer:
 
     def _run(self) -> RetrainResult:
         config = self.config
+        distributed.on_main(lambda: self.run_dir.check_output(config.overwrite), "checking the output directory")
         self.open()
         # Rank 0 reads the data (the token cache is written once); bad data fails before any write.
         self.train_windows, self.validation = distributed.on_main(lambda: training_data(config, self.adapter),
