@@ -170,6 +170,45 @@ def test_the_guard_judges_the_input_as_read_and_the_output_as_written(params, pr
     assert report["heldout_after"] == heldout_loss(tmp_path / "out")
 
 
+@pytest.mark.parametrize("family, final_norm", [("llama", "model.norm.weight"),
+                                                ("opt", "model.decoder.final_layer_norm.weight")])
+def test_a_retrained_final_norm_is_written_as_trained(family, final_norm, pruned_models, sample_text, token_cache,
+                                                      tmp_path):
+    """--params norm trains the final norm, which lies outside the blocks: the checkpoint holds the
+    trained values, not the input's copy."""
+    from reconstruct.config import RetrainConfig
+    from reconstruct.retraining import Retrainer
+
+    _, pruned = pruned_models[family]
+    config = RetrainConfig(model=str(pruned), out=str(tmp_path / "out"), params="norm",
+                           **settings(sample_text, token_cache, lr=3e-2)).validate()
+    retrainer = Retrainer(config)
+    assert retrainer.run().report["merged"]
+    trained = retrainer.model.get_parameter(final_norm).detach()
+    before, after = saved_tensors(pruned), saved_tensors(tmp_path / "out")
+    name = retrainer.adapter.checkpoint_name(final_norm)
+    assert not torch.equal(after[name], before[name])
+    assert torch.equal(after[name], trained)
+
+
+def test_a_trained_tensor_without_a_checkpoint_name_is_an_error_not_the_inputs_copy(pruned_models, monkeypatch):
+    from reconstruct.models import ModelAdapter
+
+    adapter = open_model(pruned_models["llama"][1])
+    adapter.load_all()
+    known = ModelAdapter.checkpoint_name
+
+    def unknown_final_norm(self, model_name):
+        if model_name == "model.norm.weight":
+            raise CheckpointError(f"tensor {model_name!r} is missing")
+        return known(self, model_name)
+
+    monkeypatch.setattr(ModelAdapter, "checkpoint_name", unknown_final_norm)
+    with pytest.raises(CheckpointError, match=r"^cannot write model.norm.weight: the checkpoint in .* has no "
+                                              r"tensor of that name, so the output would keep the input's copy"):
+        adapter.non_block_tensors()
+
+
 def test_reproducible(pruned_models, sample_text, token_cache, tmp_path):
     _, pruned = pruned_models["opt"]
     for name in ("a", "b"):
