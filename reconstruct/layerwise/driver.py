@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..capture import kwargs_to
@@ -32,6 +31,7 @@ from ..lock import run_lock
 from ..memory import limit_heap_fragmentation, return_freed_memory
 from ..models import prunable_linears
 from ..prefetch import BlockPrefetcher
+from ..progress import Progress
 from ..store import ActivationStore
 from ..timing import PhaseClock
 from .pipeline import DenseOutputs, Recipe, fit_block_correction, observe_block, prune_block, replay
@@ -92,15 +92,17 @@ class Driver:
         with clock.phase("capture"):
             self.state = open_run_state(run_dir, config, self.recipe, self.adapter, windows, self.batch_size)
             done, n = self.state.next_block, self.adapter.num_blocks
-            progress = tqdm(range(done, n), initial=done, total=n, desc="blocks", unit="block",
-                            disable=None if distributed.is_main() else True)
+            # A bar on a terminal; in a log, one line per block (a block takes seconds to minutes)
+            progress = Progress(n, "prune", "block", initial=done, enabled=distributed.is_main(), every=1)
             inputs, dense_inputs = self.state.open_inputs()
         self.prefetcher = self.block_prefetcher()
         try:
-            for index in progress:
+            for index in range(done, n):
                 inputs, dense_inputs = self.process_block(index, inputs, dense_inputs)
-                progress.set_postfix_str(block_summary(self.state.blocks[-1]))
+                progress.update(summary=block_summary(self.state.blocks[-1],
+                                                      [e for e in self.state.layers if e["block"] == index]))
         finally:
+            progress.close()
             if self.prefetcher:
                 self.prefetcher.close()
         # The report's wall time ends here; writing the index, config and report takes milliseconds.

@@ -127,14 +127,19 @@ def block_times(clock: PhaseClock) -> dict:
     return {"time_s": round(sum(clock.seconds.values()), 3), "phases_s": clock.rounded()}
 
 
-def block_summary(entry: dict) -> str:
-    """The progress bar's postfix: where the block's time went, and what the correction did."""
-    times = summary(entry["phases_s"], BLOCK_PHASES)
+def block_summary(entry: dict, layers: list[dict]) -> str:
+    """The progress line's summary of a finished block: its sparsity and mean per-layer output error
+    (its `layers` entries), what the correction did, and where the block's time went."""
+    weights = sum(math.prod(layer["shape"]) for layer in layers)
+    zeros = sum(layer["sparsity"] * math.prod(layer["shape"]) for layer in layers)
+    parts = [f"sparsity {zeros / max(1, weights):.3f}"]
+    errors = [layer["rel_error"] for layer in layers if layer.get("rel_error") is not None]
+    if errors:
+        parts.append(f"mean layer error {sum(errors) / len(errors):.4g}")
     if "heldout_before" in entry:
         verdict = "merged" if entry["merged"] else "reverted"
-        return (f"{times}; held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} "
-                f"({verdict})")
-    return times
+        parts.append(f"held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} ({verdict})")
+    return f"{', '.join(parts)}; {summary(entry['phases_s'], BLOCK_PHASES)}"
 
 
 # --------------------------------------------------------------------------------------------------

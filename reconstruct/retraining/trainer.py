@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..config import RetrainConfig
@@ -17,6 +16,7 @@ from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..models import UnsupportedModelError, open_model
+from ..progress import Progress
 from ..tensors import masks_from_zeros, restore_exact_zeros
 from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
@@ -27,6 +27,10 @@ from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
 
 log = logging.getLogger(__name__)
+
+# Off a terminal (a log, a batch job), a progress line after every this many steps: a step takes from
+# a tenth of a second (a small model) to tens of seconds (a 7B model on one device).
+PROGRESS_EVERY_STEPS = 10
 
 
 class TrainingError(ValueError):
@@ -161,22 +165,23 @@ class Retrainer:
     # -- training ------------------------------------------------------------------------------------
     def train(self, first_step: int) -> None:
         config, history = self.config, self.training.history
-        progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
-                        desc=f"retrain {config.params}", unit="step",
-                        disable=None if distributed.is_main() else True)
+        progress = Progress(config.steps, f"retrain {config.params}", "step", initial=first_step,
+                            enabled=distributed.is_main(), every=PROGRESS_EVERY_STEPS)
         tokens_per_step = config.batch_size * config.seqlen
         self.model.train()
-        with stop_requests() as stop:
-            for step in progress:
+        with stop_requests() as stop, progress:
+            for step in range(first_step, config.steps):
                 started = time.perf_counter()
                 loss = self.train_step(step)
                 rate = tokens_per_step / (time.perf_counter() - started)
                 history["step"].append(step + 1)
                 history["loss"].append(loss)
                 history["tokens_per_s"].append(rate)
+                summary = f"loss {loss:.4f}, {rate:,.0f} tokens/s"
                 if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
                     history["heldout"].append([step + 1, self.heldout_loss()])
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+                    summary += f", held-out loss {history['heldout'][-1][1]:.4f}"
+                progress.update(summary=summary)
                 # Ctrl-C reaches the ranks at different moments: they stop together, after the same step.
                 if distributed.sum_floats([len(stop)], "agreeing whether to stop")[0] > 0:
                     self.save_state(step + 1)
