@@ -175,6 +175,10 @@ class RunDirectory:
         """A torch-serialisable object (a training state), atomically."""
         _atomic(self.work / name, lambda p: torch.save(data, p))
 
+    def save_text(self, name: str, text: str) -> None:
+        """A text file of the output (the model card), atomically."""
+        _atomic(self.work / name, lambda p: p.write_text(text))
+
     def load_state(self) -> dict:
         return json.loads((self.work / "state.json").read_text())
 

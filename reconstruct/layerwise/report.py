@@ -144,9 +144,11 @@ def block_summary(entry: dict, layers: list[dict]) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # The run's report
-def final_report(config, layers: list[dict], blocks: list[dict], clock: PhaseClock, wall: float) -> dict:
+def final_report(config, layers: list[dict], blocks: list[dict], clock: PhaseClock, wall: float,
+                 invocation: str) -> dict:
     """report.json: the settings, versions, totals and every layer's and block's entry. `clock`: the
-    run's phases, on the device whose peak memory is reported; `wall`: the run's seconds so far."""
+    run's phases, on the device whose peak memory is reported; `wall`: the run's seconds so far;
+    `invocation`: the command line or Python call that started the run."""
     total = sum(math.prod(e["shape"]) for e in layers)
     zeros = sum(e["sparsity"] * math.prod(e["shape"]) for e in layers)
     peak_device = (torch.cuda.max_memory_allocated(clock.device) if clock.device.type == "cuda" else 0)
@@ -158,6 +160,7 @@ def final_report(config, layers: list[dict], blocks: list[dict], clock: PhaseClo
         "pattern": config.pattern, "correction": config.correction,
         "config": {k: v for k, v in vars(config).items()},
         "command": " ".join(sys.argv),
+        "invocation": invocation,
         "versions": package_versions(),
         "totals": {"wall_time_s": round(wall, 3), "phases_s": run_phases(clock, wall),
                    "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,

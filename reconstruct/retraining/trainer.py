@@ -15,6 +15,7 @@ from ..config import RetrainConfig
 from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
+from ..model_card import changed_settings, python_call, retrain_card
 from ..models import UnsupportedModelError, open_model
 from ..progress import Progress
 from ..tensors import masks_from_zeros, restore_exact_zeros
@@ -46,8 +47,9 @@ class RetrainResult:
 class Retrainer:
     """One retraining run; `run()` is the loop in the package's docstring."""
 
-    def __init__(self, config: RetrainConfig):
+    def __init__(self, config: RetrainConfig, invocation: str | None = None):
         self.config = config
+        self.invocation = invocation or python_call("retrain", config.model, config.out, changed_settings(config))
         self.device = torch.device(config.device)
         self.started = time.perf_counter()
         self.correction = make_correction(config.params)
@@ -122,7 +124,7 @@ class Retrainer:
                               self.sparsity_before, sparsity_of(self.model, self.masks),
                               trainable=self.trainable, model_parameters=self.model_parameters,
                               sharded=self.sharded, device=self.device,
-                              wall_time_s=time.perf_counter() - self.started)
+                              wall_time_s=time.perf_counter() - self.started, invocation=self.invocation)
         distributed.barrier("waiting for every rank to finish training")
         out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
         log.info("wrote %s", out)
@@ -277,7 +279,8 @@ class Retrainer:
 
     def write(self, report: dict) -> Path:
         """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names,
-        the plot, then the index, config, tokenizer and report: OUT.partial becomes OUT."""
+        the plot and the model card, then the index, config, tokenizer and report: OUT.partial
+        becomes OUT."""
         adapter, total = self.adapter, self.adapter.num_blocks + 1
         shards = []
         for index in range(adapter.num_blocks):
@@ -286,4 +289,5 @@ class Retrainer:
         shards.append(self.run_dir.shard_name(adapter.num_blocks, total))
         self.run_dir.save_shard(shards[-1], adapter.non_block_tensors())
         plot_losses(report, self.run_dir.work / "loss.png")
+        self.run_dir.save_text("README.md", retrain_card(report))
         return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)
