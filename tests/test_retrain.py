@@ -338,10 +338,30 @@ def test_distillation_from_the_dense_teacher(pruned_models, sample_text, token_c
 
 @pytest.mark.parametrize("bad, message", [({"params": "dora"}, "unknown --params"),
                                           ({"batch_size": 3, "grad_accum": 2}, "not divisible"),
-                                          ({"steps": 0}, "steps must be at least 1")])
+                                          ({"steps": 0}, "steps must be at least 1"),
+                                          ({"alpha": 0.0}, "^--alpha must be positive .* leave it out for 2·rank$")])
 def test_bad_settings(bad, message, pruned_models, sample_text, token_cache, tmp_path):
     with pytest.raises(ConfigError, match=message):
         retrain(pruned_models["llama"][1], tmp_path / "out", **{**settings(sample_text, token_cache), **bad})
+
+
+def test_one_alpha_rule_for_both_commands(capsys):
+    """alpha = 2·rank unless given, for prune and retrain alike (32 at retrain's default rank 16, the
+    old fixed default, so a run started before resumes), and both commands' --help say so."""
+    from reconstruct.cli import main
+    from reconstruct.config import RetrainConfig, RunConfig
+    from reconstruct.retraining import Retrainer
+
+    assert RunConfig("m", "o").lora_alpha == 128.0 and RetrainConfig("m", "o").lora_alpha == 32.0
+    assert RetrainConfig("m", "o", rank=8).lora_alpha == 16.0 == RunConfig("m", "o", rank=8).lora_alpha
+    assert RetrainConfig("m", "o", rank=8, alpha=4.0).lora_alpha == 4.0
+    assert Retrainer(RetrainConfig("m", "o", rank=8, device="cpu")).options.alpha == 16.0
+    assert RetrainConfig("m", "o").fingerprint() == RetrainConfig("m", "o", alpha=32.0).fingerprint()
+    for command in ("prune", "retrain"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank" in shown, command
 
 
 # --------------------------------------------------------------------------------------------------
