@@ -51,7 +51,7 @@ class ActivationStore:
                     if handle.readinto(memoryview(view).cast("B")) != view.nbytes:
                         raise ValueError("file shorter than the store")
         except (OSError, ValueError) as error:
-            from .writer import OutputError
+            from .checkpoint import OutputError
 
             raise OutputError(f"cannot read the saved activations {path} ({error}); rerun without --resume "
                               "to start over") from error
