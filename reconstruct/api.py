@@ -6,33 +6,36 @@ from pathlib import Path
 
 from .config import ConfigError, RetrainConfig, RunConfig
 from .layerwise import run as run_pruning
+from .model_card import python_call
 from .retraining import run as run_retraining
 
 
-def prune(model: str, out: str, *, startup_s: float = 0.0, **settings) -> dict:
+def prune(model: str, out: str, *, startup_s: float = 0.0, invocation: str | None = None, **settings) -> dict:
     """Prune (and by default repair) `model` into the checkpoint directory `out`; return the report.
 
     Settings are the fields of `RunConfig`, e.g. `prune("meta-llama/Llama-2-7b-hf", "out",
     method="sparsegpt", sparsity=0.6, correction="masklora", calib="c4")`. `startup_s`: seconds
     already spent on this run before the call (the command line passes its process's age: interpreter
-    start-up and imports), counted in the report's wall time as the phase `imports`.
+    start-up and imports), counted in the report's wall time as the phase `imports`. `invocation`:
+    how the run was started, for the report and the model card (the command line passes its own;
+    default: this call, with its settings).
     """
     unknown = set(settings) - set(RunConfig.field_names())
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RunConfig.field_names()}")
     config = RunConfig(model=str(model), out=str(Path(out)), **settings).validate()
-    return run_pruning(config, startup_s).report
+    return run_pruning(config, startup_s, invocation or python_call("prune", model, out, settings)).report
 
 
-def retrain(model: str, out: str, **settings) -> dict:
+def retrain(model: str, out: str, *, invocation: str | None = None, **settings) -> dict:
     """Retrain a pruned `model` globally (next-token loss, a tiny trainable subset, every zero kept)
     into the checkpoint directory `out`; return the report.
 
     Settings are the fields of `RetrainConfig`, e.g. `retrain("llama-wanda70", "out", params="masklora",
-    data="c4", steps=1000)`.
+    data="c4", steps=1000)`. `invocation`: as for `prune`.
     """
     unknown = set(settings) - set(RetrainConfig.field_names())
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)}; known: {RetrainConfig.field_names()}")
     config = RetrainConfig(model=str(model), out=str(Path(out)), **settings).validate()
-    return run_retraining(config).report
+    return run_retraining(config, invocation or python_call("retrain", model, out, settings)).report

@@ -13,6 +13,7 @@ from .config import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, 
                      RunConfig, default_device)
 from .corrections import choices as correction_choices
 from .failures import EXIT_BAD_INPUT, EXIT_FAILED, report_failure
+from .model_card import command_line
 from .pruning import METHODS
 from .timing import process_age_seconds
 
@@ -143,8 +144,8 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
                       help="LoRA rank r (default: %(default)s; prune's 64 was chosen by a sweep of per-block "
                       "repair, docs/benchmarks.md, which retraining has not had)")
     loop.add_argument("--alpha", type=float, default=d.alpha,
-                      help="LoRA alpha; scale s = alpha/r (default: %(default)s, so s = 2 at the default rank; "
-                      "with another --rank pass --alpha 2·rank to keep s = 2, prune's default)")
+                      help="LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank, as "
+                      "in prune; 32 at the default rank)")
     loop.add_argument("--gradient-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, about a third slower")
     loop.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -248,7 +249,8 @@ def _settings(args, config_class) -> dict:
 def run_prune(args, startup_s: float = 0.0) -> int:
     from .api import prune
 
-    report = prune(args.model, args.out, startup_s=startup_s, **_settings(args, RunConfig))
+    report = prune(args.model, args.out, startup_s=startup_s, invocation=args.invocation,
+                   **_settings(args, RunConfig))
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all
         return 0
     totals = report["totals"]
@@ -261,7 +263,7 @@ def run_prune(args, startup_s: float = 0.0) -> int:
 def run_retrain(args) -> int:
     from .api import retrain
 
-    report = retrain(args.model, args.out, **_settings(args, RetrainConfig))
+    report = retrain(args.model, args.out, invocation=args.invocation, **_settings(args, RetrainConfig))
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all
         return 0
     totals = report["totals"]
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     prune's report counts the process's start-up and imports in its wall time."""
     parser = build_parser(command_of(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    args.invocation = command_line(sys.argv[1:] if argv is None else argv)  # for the report and model card
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     startup_s = process_age_seconds() if argv is None else 0.0

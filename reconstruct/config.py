@@ -186,7 +186,7 @@ class RetrainConfig:
     weight_decay: float = 0.0
     warmup: float = 0.1
     rank: int = 16
-    alpha: float = 32.0
+    alpha: float | None = None           # None: 2·rank, as prune (s = alpha/rank = 2 at any rank)
     seed: int = 0
     device: str = field(default_factory=default_device)
     dtype: str | None = None             # bf16 | fp16 | fp32 for the frozen weights; None = the checkpoint's
@@ -216,11 +216,17 @@ class RetrainConfig:
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
 
+    @property
+    def lora_alpha(self) -> float:
+        return 2.0 * self.rank if self.alpha is None else float(self.alpha)
+
     def fingerprint(self) -> str:
         """A hash of every setting that changes the output; a resumed run must match it."""
         # --fsdp changes float rounding only (as the number of ranks does) and saves the same state
         ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every", "fsdp"}
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
+        # The alpha in effect: a run started when the default was a fixed 32.0 (rank 16) resumes
+        relevant["alpha"] = self.lora_alpha
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> "RetrainConfig":
@@ -237,6 +243,9 @@ class RetrainConfig:
             raise ConfigError("training needs lr > 0, weight_decay >= 0 and 0 <= warmup <= 1")
         if self.save_every < 0 or self.distill < 0:
             raise ConfigError("--save-every and --distill must be 0 or more")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"--alpha must be positive (the LoRA scale is alpha/rank), not {self.alpha}; "
+                              "leave it out for 2·rank")
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
         if self.fsdp and self.teacher:

@@ -268,14 +268,26 @@ class ModelAdapter:
 
     def non_block_tensors(self) -> dict[str, "torch.Tensor | StreamedTensor"]:
         """Every tensor outside the blocks as it is written out: from the loaded model where the model
-        holds it (a retrained final norm), else copied from the checkpoint a chunk at a time."""
-        in_model = {}
+        holds it (a retrained final norm), else copied from the checkpoint a chunk at a time.
+
+        A loaded parameter whose name has no tensor in the checkpoint is an error unless it is tied
+        to one that is written (a tied head, which the checkpoint stores once): otherwise a retrained
+        parameter would silently be written as the input's copy, or not at all."""
+        in_model, unnamed = {}, {}
         for name, tensor in self.model.state_dict().items():
             if not name.startswith(self.blocks_path + ".") and not tensor.is_meta:
                 try:
                     in_model[self.checkpoint_name(name)] = tensor
                 except CheckpointError:
-                    continue  # e.g. a tied head, which the checkpoint does not store
+                    unnamed[name] = tensor
+        written = {tensor.data_ptr() for tensor in in_model.values()}
+        parameters = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        for name, tensor in unnamed.items():
+            if name in parameters and tensor.data_ptr() not in written:
+                raise CheckpointError(
+                    f"cannot write {name}: the checkpoint in {self.checkpoint.directory} has no tensor of that "
+                    f"name, so the output would keep the input's copy instead of this run's; this version does "
+                    f"not know the tensor names of model_type={self.model_type!r} (please report it)")
         return {name: self.for_storage(in_model[name]) if name in in_model else self.streamed_copy(name)
                 for name in self.non_block_names()}
 

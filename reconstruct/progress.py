@@ -7,7 +7,8 @@ prints a line such as
 
     eval wikitext2: 40/166 windows (24%), 1 min 02 s elapsed, about 3 min 15 s left; loss 2.31
 
-after the first item, then at most once every `LOG_INTERVAL_S` seconds, and after the last item.
+after the first item, then at most once every `LOG_INTERVAL_S` seconds (or, with `every=N`, after
+every N items: a prune's block, a retraining's tenth step), and after the last item.
 
     with Progress(total=len(blocks), description="prune", unit="block") as progress:
         for block in blocks:
@@ -53,8 +54,10 @@ class Progress:
 
     def __init__(self, total: int, description: str, unit: str = "item", *, initial: int = 0,
                  enabled: bool = True, stream: TextIO | None = None,
-                 interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+                 interval_s: float = LOG_INTERVAL_S, every: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         self.total, self.description, self.unit = total, description, unit
+        self.every = every  # > 0: off a terminal, a line after every this many items instead of by time
         self.done = self.initial = initial
         self.stream = stream if stream is not None else sys.stderr
         self.interval_s, self.clock = interval_s, clock
@@ -79,7 +82,8 @@ class Progress:
             self.bar.update(count)
             return
         now = self.clock()
-        if self.lines_printed == 0 or self.done >= self.total or now - self.last_line >= self.interval_s:
+        due = self.done % self.every == 0 if self.every > 0 else now - self.last_line >= self.interval_s
+        if self.lines_printed == 0 or self.done >= self.total or due:
             self.last_line = now
             self.lines_printed += 1
             print(self.line(now, summary), file=self.stream, flush=True)

@@ -60,11 +60,20 @@ def masks_from_zeros(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     return {name: linear.weight.detach() != 0 for name, linear in linears.items()}
 
 
+def smallest_subnormal(dtype: torch.dtype) -> float:
+    """The dtype's smallest positive number: the subnormal whose bits are the integer 1 (5.96e-8 in
+    fp16, 9.2e-41 in bf16, 1.4e-45 in fp32). `torch.finfo` gives the smallest normal only."""
+    return float(torch.ones((), dtype=_SAME_WIDTH_INTEGER[torch.finfo(dtype).bits // 8]).view(dtype))
+
+
 def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Make each masked linear's zero set exactly its mask, with +0.0 (never −0.0) at pruned entries.
 
     A kept weight that a correction moved to exactly zero (its storage dtype rounds the sum to 0) is
-    set to the dtype's smallest normal number, so that the zero set stays the mask; returns how many."""
+    set to the dtype's smallest subnormal, of the sign the sum had, so that the zero set stays the
+    mask while the weight moves as little as the dtype allows (the smallest normal, 6.1e-5 in fp16,
+    is a thousand times further). Rounding to nearest keeps the sign (a small negative sum becomes
+    −0.0), so the zero's own sign bit is the sign of the value before rounding. Returns how many."""
     rounded = 0
     with torch.no_grad():
         for name, mask in masks.items():
@@ -72,7 +81,9 @@ def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int
             keep_only(weight, mask)
             lost = mask & (weight == 0)
             count = int(lost.sum())
-            if count:  # rare; masked_fill_ has no fast path for bf16, so it is not run for nothing
-                weight.masked_fill_(lost, torch.finfo(weight.dtype).tiny)
+            if count:  # rare; the where() below is not run for nothing
+                smallest = smallest_subnormal(weight.dtype)
+                signed = torch.where(torch.signbit(weight), -smallest, smallest).to(weight.dtype)
+                weight.copy_(torch.where(lost, signed, weight))
                 rounded += count
     return rounded

@@ -147,6 +147,28 @@ def test_non_empty_output_refused_then_overwritten_cli(llama, sample_text, token
     assert (out / "report.json").exists() and not (out / "keep.txt").exists()
 
 
+@pytest.mark.parametrize("command", ["prune", "retrain"])
+def test_an_existing_output_is_refused_before_any_data_is_read(command, llama, token_cache, tmp_path,
+                                                               monkeypatch):
+    """The output check comes first, right after the lock: a calibration or training text that does
+    not exist (or would take minutes to tokenize) is never reached."""
+    import calib
+    from reconstruct.api import prune, retrain
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the output directory was checked")
+
+    monkeypatch.setattr(calib, "calibration_windows", never)
+    monkeypatch.setattr(calib, "training_windows", never)
+    out, missing = _non_empty_output(tmp_path), str(tmp_path / "no-such-text.txt")
+    with pytest.raises(OutputError, match=r"exists and is not empty; pass --overwrite"):
+        if command == "prune":
+            prune(str(llama), str(out), calib=missing, device="cpu", cache_dir=str(token_cache))
+        else:
+            retrain(str(llama), str(out), data=missing, allow_dense=True, device="cpu", cache_dir=str(token_cache))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not _partial(out).exists()
+
+
 def test_argparse_rejects_unknown_choices(llama, sample_text, token_cache, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(_cli_args(llama, tmp_path / "out", sample_text, token_cache, "--method", "random"))

@@ -1,7 +1,9 @@
-"""reconstruct.progress: a bar on a terminal, a line now and then in a log, nothing when disabled."""
+"""reconstruct.progress: a bar on a terminal, a line now and then in a log, nothing when disabled; and
+what prune and retrain print in a log."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
@@ -35,6 +37,43 @@ def test_off_a_terminal_lines_come_first_then_at_most_every_interval_then_last()
     assert lines[-1] == "prune: 10/10 blocks (100%), 1 min 10 s elapsed; error 9"
     assert len(lines) == 3
     assert "\r" not in log.getvalue()
+
+
+def test_off_a_terminal_every_n_items_gives_a_line_after_every_nth_and_the_last():
+    log, clock = io.StringIO(), Clock()
+    progress = Progress(25, "retrain norm", "step", stream=log, every=10, clock=clock)
+    for step in range(25):
+        clock.now += 1
+        progress.update(summary=f"loss {step}")
+    assert [line.split(":")[1].split("(")[0].strip() for line in log.getvalue().splitlines()] == \
+        ["1/25 steps", "10/25 steps", "20/25 steps", "25/25 steps"]
+
+
+def test_prune_in_a_log_prints_one_line_per_block(tiny_checkpoint, prune_tiny, tmp_path, capsys):
+    """stderr is not a terminal under capsys, as in a log: a line per block with its sparsity, error
+    and what the correction did, the time so far and left."""
+    prune_tiny(tiny_checkpoint("llama"), tmp_path / "out", correction="masklora", steps=2, rank=4)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prune: ")]
+    assert [line.split(" (")[0] for line in lines] == ["prune: 1/2 blocks", "prune: 2/2 blocks"]
+    assert "elapsed, about" in lines[0] and "left" not in lines[1]
+    for line in lines:
+        assert "; sparsity 0.500, mean layer error " in line and "held-out error" in line, line
+
+
+def test_retrain_in_a_log_prints_a_line_every_ten_steps(tiny_checkpoint, prune_tiny, sample_text, token_cache,
+                                                        tmp_path, capsys):
+    from reconstruct.api import retrain
+
+    pruned = tmp_path / "pruned"
+    prune_tiny(tiny_checkpoint("llama"), pruned, method="magnitude")
+    capsys.readouterr()
+    retrain(str(pruned), str(tmp_path / "out"), params="norm", data=str(sample_text), steps=20, batch_size=1,
+            seqlen=32, eval_every=10, eval_windows=1, save_every=0, device="cpu", cache_dir=str(token_cache))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("retrain norm: ")]
+    assert [line.split(" (")[0] for line in lines] == ["retrain norm: 1/20 steps", "retrain norm: 10/20 steps",
+                                                       "retrain norm: 20/20 steps"]
+    assert all(re.search(r"; loss \d+\.\d{4}, [\d,]+ tokens/s", line) for line in lines)
+    assert "about" in lines[1] and "held-out loss" in lines[1]
 
 
 def test_a_resumed_run_counts_its_time_left_from_what_this_process_did():

@@ -139,6 +139,76 @@ def test_written_model_scores_the_reported_heldout_loss(pruned_models, sample_te
     assert len(report["loss_curve"]["loss"]) == 6
 
 
+@pytest.mark.parametrize("params", ["masklora+norm", "norm"])
+def test_the_guard_judges_the_input_as_read_and_the_output_as_written(params, pruned_models, sample_text,
+                                                                      token_cache, tmp_path):
+    """bf16 weights: the held-out loss reported before training is the input checkpoint's own, and
+    the one after is the written checkpoint's, reloaded, to the last bit (the same windows, the same
+    autocast forward). Before, B·A was rounded to bf16 inside autocast for the judgement and computed
+    in fp32 for the merge (outputs up to 0.008 apart), and the "before" loss was measured with fp32
+    copies of the norms attached."""
+    import calib
+    from transformers import AutoTokenizer
+
+    from reconstruct.fit import autocast_for
+    from reconstruct.retraining.losses import next_token_loss_sum
+
+    _, pruned = pruned_models["llama"]
+    report = retrain(pruned, tmp_path / "out", params=params, dtype="bf16",
+                     **settings(sample_text, token_cache, lr=3e-2))
+    _, validation = calib.training_windows(str(sample_text), AutoTokenizer.from_pretrained(pruned), 4 * 2, 2,
+                                           SEQLEN, seed=0, cache_dir=token_cache)
+
+    def heldout_loss(checkpoint) -> float:
+        model = open_model(checkpoint, torch.bfloat16).load_all().eval()
+        with torch.no_grad(), autocast_for(torch.device("cpu"), torch.bfloat16):
+            logits = model(input_ids=validation, use_cache=False).logits
+        return float(next_token_loss_sum(logits, validation)) / validation[:, 1:].numel()
+
+    assert report["merged"] and report["heldout_after"] != report["heldout_before"]
+    assert report["heldout_before"] == heldout_loss(pruned)
+    assert report["heldout_after"] == heldout_loss(tmp_path / "out")
+
+
+@pytest.mark.parametrize("family, final_norm", [("llama", "model.norm.weight"),
+                                                ("opt", "model.decoder.final_layer_norm.weight")])
+def test_a_retrained_final_norm_is_written_as_trained(family, final_norm, pruned_models, sample_text, token_cache,
+                                                      tmp_path):
+    """--params norm trains the final norm, which lies outside the blocks: the checkpoint holds the
+    trained values, not the input's copy."""
+    from reconstruct.config import RetrainConfig
+    from reconstruct.retraining import Retrainer
+
+    _, pruned = pruned_models[family]
+    config = RetrainConfig(model=str(pruned), out=str(tmp_path / "out"), params="norm",
+                           **settings(sample_text, token_cache, lr=3e-2)).validate()
+    retrainer = Retrainer(config)
+    assert retrainer.run().report["merged"]
+    trained = retrainer.model.get_parameter(final_norm).detach()
+    before, after = saved_tensors(pruned), saved_tensors(tmp_path / "out")
+    name = retrainer.adapter.checkpoint_name(final_norm)
+    assert not torch.equal(after[name], before[name])
+    assert torch.equal(after[name], trained)
+
+
+def test_a_trained_tensor_without_a_checkpoint_name_is_an_error_not_the_inputs_copy(pruned_models, monkeypatch):
+    from reconstruct.models import ModelAdapter
+
+    adapter = open_model(pruned_models["llama"][1])
+    adapter.load_all()
+    known = ModelAdapter.checkpoint_name
+
+    def unknown_final_norm(self, model_name):
+        if model_name == "model.norm.weight":
+            raise CheckpointError(f"tensor {model_name!r} is missing")
+        return known(self, model_name)
+
+    monkeypatch.setattr(ModelAdapter, "checkpoint_name", unknown_final_norm)
+    with pytest.raises(CheckpointError, match=r"^cannot write model.norm.weight: the checkpoint in .* has no "
+                                              r"tensor of that name, so the output would keep the input's copy"):
+        adapter.non_block_tensors()
+
+
 def test_reproducible(pruned_models, sample_text, token_cache, tmp_path):
     _, pruned = pruned_models["opt"]
     for name in ("a", "b"):
@@ -268,10 +338,30 @@ def test_distillation_from_the_dense_teacher(pruned_models, sample_text, token_c
 
 @pytest.mark.parametrize("bad, message", [({"params": "dora"}, "unknown --params"),
                                           ({"batch_size": 3, "grad_accum": 2}, "not divisible"),
-                                          ({"steps": 0}, "steps must be at least 1")])
+                                          ({"steps": 0}, "steps must be at least 1"),
+                                          ({"alpha": 0.0}, "^--alpha must be positive .* leave it out for 2·rank$")])
 def test_bad_settings(bad, message, pruned_models, sample_text, token_cache, tmp_path):
     with pytest.raises(ConfigError, match=message):
         retrain(pruned_models["llama"][1], tmp_path / "out", **{**settings(sample_text, token_cache), **bad})
+
+
+def test_one_alpha_rule_for_both_commands(capsys):
+    """alpha = 2·rank unless given, for prune and retrain alike (32 at retrain's default rank 16, the
+    old fixed default, so a run started before resumes), and both commands' --help say so."""
+    from reconstruct.cli import main
+    from reconstruct.config import RetrainConfig, RunConfig
+    from reconstruct.retraining import Retrainer
+
+    assert RunConfig("m", "o").lora_alpha == 128.0 and RetrainConfig("m", "o").lora_alpha == 32.0
+    assert RetrainConfig("m", "o", rank=8).lora_alpha == 16.0 == RunConfig("m", "o", rank=8).lora_alpha
+    assert RetrainConfig("m", "o", rank=8, alpha=4.0).lora_alpha == 4.0
+    assert Retrainer(RetrainConfig("m", "o", rank=8, device="cpu")).options.alpha == 16.0
+    assert RetrainConfig("m", "o").fingerprint() == RetrainConfig("m", "o", alpha=32.0).fingerprint()
+    for command in ("prune", "retrain"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank" in shown, command
 
 
 # --------------------------------------------------------------------------------------------------

@@ -141,13 +141,18 @@ class RunDirectory:
         self.activations = self.work / "activations"
 
     # -- starting ------------------------------------------------------------------------------------
-    def prepare(self, overwrite: bool, resume: bool) -> bool:
-        """Create the work directory; return True when an earlier run's state is there to resume."""
+    def check_output(self, overwrite: bool) -> None:
+        """Fail if OUT holds something this run may not replace. Called first, right after the lock is
+        taken: before the model is opened or any data is read (calibration text can take minutes)."""
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             resumable = (f" (with --resume to continue the unfinished run in {self.work})"
                          if (self.work / "state.json").exists() else "")  # an interrupted --overwrite run
             raise OutputError(errno.EEXIST, f"output directory {self.out} exists and is not empty; pass "
                               f"--overwrite to replace it{resumable}, or choose another --out")
+
+    def prepare(self, overwrite: bool, resume: bool) -> bool:
+        """Create the work directory; return True when an earlier run's state is there to resume."""
+        self.check_output(overwrite)
         if resume and (self.work / "state.json").exists():
             return True
         if self.work.exists():
@@ -169,6 +174,10 @@ class RunDirectory:
     def save_torch(self, name: str, data) -> None:
         """A torch-serialisable object (a training state), atomically."""
         _atomic(self.work / name, lambda p: torch.save(data, p))
+
+    def save_text(self, name: str, text: str) -> None:
+        """A text file of the output (the model card), atomically."""
+        _atomic(self.work / name, lambda p: p.write_text(text))
 
     def load_state(self) -> dict:
         return json.loads((self.work / "state.json").read_text())

@@ -100,15 +100,22 @@ class LinearWrapper(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         return self.effective_weight()
 
+    def written_weight(self) -> torch.Tensor:
+        """The weight `merge()` writes, in the storage dtype. Computed with autocast off, wherever it
+        is called from: under bf16 autocast B·A would be rounded to bf16 before the sum (outputs up
+        to 0.008 apart on a bf16 linear), and the guard, which judges inside autocast, would judge
+        other weights than the ones written."""
+        with torch.autocast(device_type=self.base.weight.device.type, enabled=False):
+            return self.merged_weight().to(self.base.weight.dtype)
+
     def forward(self, x):
-        weight = (self.merged_weight().to(self.base.weight.dtype) if self.as_merged
-                  else self.effective_weight())
+        weight = self.written_weight() if self.as_merged else self.effective_weight()
         return nn.functional.linear(x, weight.to(x.dtype),
                                     None if self.base.bias is None else self.base.bias.to(x.dtype))
 
     def merge(self) -> nn.Linear:
         with torch.no_grad():
-            self.base.weight.copy_(self.merged_weight().to(self.base.weight.dtype))
+            self.base.weight.copy_(self.written_weight())
         return self.base
 
 

@@ -7,7 +7,7 @@
         prune every linear (masks); fit the correction towards the dense outputs; merge it
         run the repaired block again: its outputs are the next block's inputs
         write the block's shard and the resume point; free the block
-    write the index, config, tokenizer and report
+    write the model card, the index, config, tokenizer and report
 
 Only one block's weights are ever in memory; activations live in a store (RAM or disk) and go to the
 device one batch at a time. This module is that loop; the rooms it calls on: preflight.py opens the
@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..capture import kwargs_to
 from ..checkpoint import BackgroundWrite, RunDirectory
 from ..lock import run_lock
 from ..memory import limit_heap_fragmentation, return_freed_memory
+from ..model_card import changed_settings, prune_card, python_call
 from ..models import prunable_linears
 from ..prefetch import BlockPrefetcher
+from ..progress import Progress
 from ..store import ActivationStore
 from ..timing import PhaseClock
 from .pipeline import DenseOutputs, Recipe, fit_block_correction, observe_block, prune_block, replay
@@ -49,20 +50,22 @@ class RunResult:
     final_activations: ActivationStore | None  # the last block's outputs (for checks and tests)
 
 
-def run(config, startup_s: float = 0.0) -> RunResult:
+def run(config, startup_s: float = 0.0, invocation: str | None = None) -> RunResult:
     """Run `config`; under torchrun, as one of several processes sharing the calibration windows.
-    `startup_s`: seconds spent before the call (interpreter start-up and imports), reported."""
+    `startup_s`: seconds spent before the call (interpreter start-up and imports), reported;
+    `invocation`: how the run was started (the command line, or the Python call), for the report."""
     with distributed.process_group(config.device) as device:
-        return Driver(dataclasses.replace(config, device=device), startup_s).run()
+        return Driver(dataclasses.replace(config, device=device), startup_s, invocation).run()
 
 
 class Driver:
     """One run: its settings, model and run directory; `run()` is the loop in the module docstring."""
 
-    def __init__(self, config, startup_s: float = 0.0):
+    def __init__(self, config, startup_s: float = 0.0, invocation: str | None = None):
         """`startup_s`: seconds the caller spent before this run (a command's interpreter start-up and
         imports), counted in the report's wall time as the phase `imports`."""
         self.config = config
+        self.invocation = invocation or python_call("prune", config.model, config.out, changed_settings(config))
         self.device = torch.device(config.device)
         self.started = time.perf_counter() - startup_s
         self.clock = PhaseClock(self.device)  # the whole run's phases; each block has its own too
@@ -79,6 +82,7 @@ class Driver:
 
     def _run(self, run_dir: RunDirectory) -> RunResult:
         config, clock = self.config, self.clock
+        distributed.on_main(lambda: run_dir.check_output(config.overwrite), "checking the output directory")
         with clock.phase("open"):
             self.adapter, self.pruned_source = open_checked_model(config, self.recipe)
             check_world_size(config, self.recipe)
@@ -91,19 +95,24 @@ class Driver:
         with clock.phase("capture"):
             self.state = open_run_state(run_dir, config, self.recipe, self.adapter, windows, self.batch_size)
             done, n = self.state.next_block, self.adapter.num_blocks
-            progress = tqdm(range(done, n), initial=done, total=n, desc="blocks", unit="block",
-                            disable=None if distributed.is_main() else True)
+            # A bar on a terminal; in a log, one line per block (a block takes seconds to minutes)
+            progress = Progress(n, "prune", "block", initial=done, enabled=distributed.is_main(), every=1)
             inputs, dense_inputs = self.state.open_inputs()
         self.prefetcher = self.block_prefetcher()
         try:
-            for index in progress:
+            for index in range(done, n):
                 inputs, dense_inputs = self.process_block(index, inputs, dense_inputs)
-                progress.set_postfix_str(block_summary(self.state.blocks[-1]))
+                progress.update(summary=block_summary(self.state.blocks[-1],
+                                                      [e for e in self.state.layers if e["block"] == index]))
         finally:
+            progress.close()
             if self.prefetcher:
                 self.prefetcher.close()
         # The report's wall time ends here; writing the index, config and report takes milliseconds.
-        report = final_report(config, self.state.layers, self.state.blocks, clock, time.perf_counter() - self.started)
+        report = final_report(config, self.state.layers, self.state.blocks, clock, time.perf_counter() - self.started,
+                              self.invocation)
+        distributed.on_main(lambda: self.state.run_dir.save_text("README.md", prune_card(report)),
+                            "writing the model card")
         out = self.state.finish(self.adapter, report)
         log.info("wrote %s", out)
         return RunResult(report, out, inputs)

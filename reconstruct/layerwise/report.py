@@ -127,21 +127,28 @@ def block_times(clock: PhaseClock) -> dict:
     return {"time_s": round(sum(clock.seconds.values()), 3), "phases_s": clock.rounded()}
 
 
-def block_summary(entry: dict) -> str:
-    """The progress bar's postfix: where the block's time went, and what the correction did."""
-    times = summary(entry["phases_s"], BLOCK_PHASES)
+def block_summary(entry: dict, layers: list[dict]) -> str:
+    """The progress line's summary of a finished block: its sparsity and mean per-layer output error
+    (its `layers` entries), what the correction did, and where the block's time went."""
+    weights = sum(math.prod(layer["shape"]) for layer in layers)
+    zeros = sum(layer["sparsity"] * math.prod(layer["shape"]) for layer in layers)
+    parts = [f"sparsity {zeros / max(1, weights):.3f}"]
+    errors = [layer["rel_error"] for layer in layers if layer.get("rel_error") is not None]
+    if errors:
+        parts.append(f"mean layer error {sum(errors) / len(errors):.4g}")
     if "heldout_before" in entry:
         verdict = "merged" if entry["merged"] else "reverted"
-        return (f"{times}; held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} "
-                f"({verdict})")
-    return times
+        parts.append(f"held-out error {entry['heldout_before']:.4f} -> {entry['heldout_after']:.4f} ({verdict})")
+    return f"{', '.join(parts)}; {summary(entry['phases_s'], BLOCK_PHASES)}"
 
 
 # --------------------------------------------------------------------------------------------------
 # The run's report
-def final_report(config, layers: list[dict], blocks: list[dict], clock: PhaseClock, wall: float) -> dict:
+def final_report(config, layers: list[dict], blocks: list[dict], clock: PhaseClock, wall: float,
+                 invocation: str) -> dict:
     """report.json: the settings, versions, totals and every layer's and block's entry. `clock`: the
-    run's phases, on the device whose peak memory is reported; `wall`: the run's seconds so far."""
+    run's phases, on the device whose peak memory is reported; `wall`: the run's seconds so far;
+    `invocation`: the command line or Python call that started the run."""
     total = sum(math.prod(e["shape"]) for e in layers)
     zeros = sum(e["sparsity"] * math.prod(e["shape"]) for e in layers)
     peak_device = (torch.cuda.max_memory_allocated(clock.device) if clock.device.type == "cuda" else 0)
@@ -153,6 +160,7 @@ def final_report(config, layers: list[dict], blocks: list[dict], clock: PhaseClo
         "pattern": config.pattern, "correction": config.correction,
         "config": {k: v for k, v in vars(config).items()},
         "command": " ".join(sys.argv),
+        "invocation": invocation,
         "versions": package_versions(),
         "totals": {"wall_time_s": round(wall, 3), "phases_s": run_phases(clock, wall),
                    "peak_host_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device,

@@ -39,10 +39,11 @@ from ..config import RetrainConfig
 from .trainer import Retrainer, RetrainResult, TrainingError
 
 
-def run(config: RetrainConfig) -> RetrainResult:
-    """Run `config`; under torchrun, as one of several data-parallel processes."""
+def run(config: RetrainConfig, invocation: str | None = None) -> RetrainResult:
+    """Run `config`; under torchrun, as one of several data-parallel processes. `invocation`: how the
+    run was started (the command line, or the Python call), for the report and the model card."""
     with distributed.process_group(config.device) as device:
-        return Retrainer(dataclasses.replace(config, device=device)).run()
+        return Retrainer(dataclasses.replace(config, device=device), invocation).run()
 
 
 __all__ = ["RetrainResult", "Retrainer", "TrainingError", "run"]

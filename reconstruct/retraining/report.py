@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def final_report(config: RetrainConfig, verdict: dict, history: dict, shapes: dict[str, list[int]],
                  sparsity_before: dict[str, float], sparsity_after: dict[str, float], *, trainable: int,
-                 model_parameters: int, sharded: bool, device: torch.device, wall_time_s: float) -> dict:
+                 model_parameters: int, sharded: bool, device: torch.device, wall_time_s: float,
+                 invocation: str) -> dict:
     """The report: the settings and versions, sizes, totals, the never-worse verdict, the loss
     curves, and each masked linear's sparsity before and after (by name, in `shapes`' order)."""
     rates = history["tokens_per_s"]
@@ -28,7 +29,7 @@ def final_report(config: RetrainConfig, verdict: dict, history: dict, shapes: di
         "command": "retrain", "model": config.model, "params": config.params,
         "world_size": distributed.world_size(), "fsdp": sharded,
         "config": {**vars(config), "lr": config.learning_rate},
-        "argv": " ".join(sys.argv), "versions": package_versions(),
+        "argv": " ".join(sys.argv), "invocation": invocation, "versions": package_versions(),
         "trainable_params": trainable, "model_params": model_parameters,
         "trainable_fraction": trainable / model_parameters,
         "tokens_trained": config.steps * config.batch_size * config.seqlen,

@@ -4,18 +4,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..config import RetrainConfig
 from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
+from ..model_card import changed_settings, python_call, retrain_card
 from ..models import UnsupportedModelError, open_model
+from ..progress import Progress
 from ..tensors import masks_from_zeros, restore_exact_zeros
 from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
@@ -26,6 +28,10 @@ from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
 
 log = logging.getLogger(__name__)
+
+# Off a terminal (a log, a batch job), a progress line after every this many steps: a step takes from
+# a tenth of a second (a small model) to tens of seconds (a 7B model on one device).
+PROGRESS_EVERY_STEPS = 10
 
 
 class TrainingError(ValueError):
@@ -41,14 +47,16 @@ class RetrainResult:
 class Retrainer:
     """One retraining run; `run()` is the loop in the package's docstring."""
 
-    def __init__(self, config: RetrainConfig):
+    def __init__(self, config: RetrainConfig, invocation: str | None = None):
         self.config = config
+        self.invocation = invocation or python_call("retrain", config.model, config.out, changed_settings(config))
         self.device = torch.device(config.device)
         self.started = time.perf_counter()
         self.correction = make_correction(config.params)
         # Under --fsdp the corrections reach the parameters FSDP holds as shards their own way
         access = ShardedParameterAccess() if self.sharded else ParameterAccess()
-        self.options = CorrectionOptions(rank=config.rank, alpha=config.alpha, parameter_access=access)
+        self.options = CorrectionOptions(rank=config.rank, alpha=config.lora_alpha, parameter_access=access)
+        self.attachment = None  # the correction, once attached (prepare_training)
 
     # -- set-up: every check before any work -----------------------------------------------------------
     def open(self) -> None:
@@ -92,18 +100,23 @@ class Retrainer:
 
     def _run(self) -> RetrainResult:
         config = self.config
+        distributed.on_main(lambda: self.run_dir.check_output(config.overwrite), "checking the output directory")
         self.open()
         # Rank 0 reads the data (the token cache is written once); bad data fails before any write.
         self.train_windows, self.validation = distributed.on_main(lambda: training_data(config, self.adapter),
                                                                   "reading the training data")
         resuming = distributed.on_main(lambda: self.run_dir.prepare(config.overwrite, config.resume),
                                        "preparing the output directory")
+        # The guard's "before": the input model itself, before anything is attached. Under --fsdp the
+        # model reaches the devices only once sharded, with the correction attached: its merged view
+        # at step 0 (the identity for every correction but ScaleLoRA at a rank whose 1/√r rounds).
+        before = None if resuming or self.sharded else self.heldout_loss()
         self.prepare_training()
         if resuming:
             step = resume_training_state(self.run_dir, config, self.device, self.training)
         else:
             step = 0
-            self.training.history["heldout"].append([0, self.heldout_loss()])
+            self.training.history["heldout"].append([0, self.heldout_loss() if before is None else before])
         self.train(step)
         verdict = self.merge_if_not_worse()
         report = final_report(config, verdict, self.training.history,
@@ -111,7 +124,7 @@ class Retrainer:
                               self.sparsity_before, sparsity_of(self.model, self.masks),
                               trainable=self.trainable, model_parameters=self.model_parameters,
                               sharded=self.sharded, device=self.device,
-                              wall_time_s=time.perf_counter() - self.started)
+                              wall_time_s=time.perf_counter() - self.started, invocation=self.invocation)
         distributed.barrier("waiting for every rank to finish training")
         out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
         log.info("wrote %s", out)
@@ -154,22 +167,23 @@ class Retrainer:
     # -- training ------------------------------------------------------------------------------------
     def train(self, first_step: int) -> None:
         config, history = self.config, self.training.history
-        progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps,
-                        desc=f"retrain {config.params}", unit="step",
-                        disable=None if distributed.is_main() else True)
+        progress = Progress(config.steps, f"retrain {config.params}", "step", initial=first_step,
+                            enabled=distributed.is_main(), every=PROGRESS_EVERY_STEPS)
         tokens_per_step = config.batch_size * config.seqlen
         self.model.train()
-        with stop_requests() as stop:
-            for step in progress:
+        with stop_requests() as stop, progress:
+            for step in range(first_step, config.steps):
                 started = time.perf_counter()
                 loss = self.train_step(step)
                 rate = tokens_per_step / (time.perf_counter() - started)
                 history["step"].append(step + 1)
                 history["loss"].append(loss)
                 history["tokens_per_s"].append(rate)
+                summary = f"loss {loss:.4f}, {rate:,.0f} tokens/s"
                 if (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
                     history["heldout"].append([step + 1, self.heldout_loss()])
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+                    summary += f", held-out loss {history['heldout'][-1][1]:.4f}"
+                progress.update(summary=summary)
                 # Ctrl-C reaches the ranks at different moments: they stop together, after the same step.
                 if distributed.sum_floats([len(stop)], "agreeing whether to stop")[0] > 0:
                     self.save_state(step + 1)
@@ -225,12 +239,16 @@ class Retrainer:
 
     @torch.no_grad()
     def heldout_loss(self) -> float:
-        """Mean next-token loss on the validation windows (documents never trained on)."""
+        """Mean next-token loss on the validation windows (documents never trained on), of the model
+        as it would be written now (the merged view, once a correction is attached: not the model
+        with fp32 copies of its trained parameters); at the end, the checkpoint the never-worse
+        guard lets through."""
         was_training = self.model.training
         self.model.eval()
         total = 0.0
+        as_written = self.attachment.merged_view if self.attachment else nullcontext
         for ids, counted in self.passes(self.validation):
-            with autocast_for(self.device, self.compute_dtype):
+            with as_written(), autocast_for(self.device, self.compute_dtype):
                 loss = float(next_token_loss_sum(self.model(input_ids=ids, use_cache=False).logits, ids))
             total += loss if counted else 0.0
         self.model.train(was_training)
@@ -241,9 +259,8 @@ class Retrainer:
     def merge_if_not_worse(self) -> dict:
         """Judge the model exactly as it would be written; merge the correction only if its held-out loss
         is finite and no worse than the input's (the never-worse guard), else keep the input's weights."""
-        before = self.training.history["heldout"][0][1]
-        with self.attachment.merged_view():
-            after = self.heldout_loss()
+        before = self.training.history["heldout"][0][1]  # the input model's, measured at step 0
+        after = self.heldout_loss()
         merged = math.isfinite(after) and after <= before
         if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
             distributed.unshard_model_(self.model, "cpu")
@@ -262,7 +279,8 @@ class Retrainer:
 
     def write(self, report: dict) -> Path:
         """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names,
-        the plot, then the index, config, tokenizer and report: OUT.partial becomes OUT."""
+        the plot and the model card, then the index, config, tokenizer and report: OUT.partial
+        becomes OUT."""
         adapter, total = self.adapter, self.adapter.num_blocks + 1
         shards = []
         for index in range(adapter.num_blocks):
@@ -271,4 +289,5 @@ class Retrainer:
         shards.append(self.run_dir.shard_name(adapter.num_blocks, total))
         self.run_dir.save_shard(shards[-1], adapter.non_block_tensors())
         plot_losses(report, self.run_dir.work / "loss.png")
+        self.run_dir.save_text("README.md", retrain_card(report))
         return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)
