@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import tree
 from .errors import OutputError
 from .safetensors import SAFETENSORS_DTYPES
 
@@ -170,6 +171,27 @@ class RunDirectory:
         """A torch-serialisable object (a training state), atomically."""
         _atomic(self.work / name, lambda p: torch.save(data, p))
 
+    def save_tree(self, name: str, value) -> None:
+        """Nested tensors, lists, dicts and scalars as NAME.safetensors and NAME.json (checkpoint/tree.py:
+        no pickle); raises tree.UnsavableValueError, naming the place in `value` as NAME[...], for
+        anything else."""
+        structure, tensors = tree.encode(value, root=name)
+        from safetensors.torch import save_file
+
+        _atomic(self.work / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic(self.work / f"{name}.json", lambda p: p.write_text(tree.to_json(structure)))
+
+    def load_tree(self, name: str):
+        """What `save_tree(name, ...)` saved; a damaged or missing file is an OutputError saying so."""
+        from safetensors.torch import load_file
+
+        try:
+            structure = json.loads((self.work / f"{name}.json").read_text())
+            return tree.decode(structure, load_file(str(self.work / f"{name}.safetensors")))
+        except (OSError, ValueError, UnicodeDecodeError) as error:  # JSON's, safetensors' and tree's errors
+            raise OutputError(f"cannot read {self.work / name}.json/.safetensors, which the unfinished run "
+                              f"saved ({error}); rerun without --resume to start over") from error
+
     def load_state(self) -> dict:
         return json.loads((self.work / "state.json").read_text())
 
@@ -197,7 +219,7 @@ class RunDirectory:
         write_json(self.work / "report.json", report)
         shutil.rmtree(self.activations, ignore_errors=True)
         (self.work / "state.json").unlink(missing_ok=True)
-        for leftover in self.work.glob("*.pt"):
+        for leftover in [*self.work.glob("*.pt"), *self.work.glob("block_calls.*")]:
             leftover.unlink()
         if self.out.exists():
             shutil.rmtree(self.out)
