@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -212,8 +211,7 @@ class RunState:
     # -- the end -------------------------------------------------------------------------------------
     def finish(self, adapter: ModelAdapter, report: dict) -> Path:
         """Write the index, config, tokenizer and report, and make the output directory visible."""
-        if distributed.world_size() > 1:  # each rank's own activations; rank 0's finish removes the rest
-            shutil.rmtree(self.activations, ignore_errors=True)
+        # The activations stay until OUT is in place (the resume point of a run killed while finishing)
         distributed.barrier("waiting for every rank to finish its last block")
         # Every rank waits for rank 0's final save, and fails with it if it fails.
         return distributed.on_main(lambda: self.run_dir.finish(adapter.checkpoint.directory,
