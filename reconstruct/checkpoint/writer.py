@@ -222,7 +222,17 @@ class RunDirectory:
                               f"saved ({error}); rerun without --resume to start over") from error
 
     def load_state(self) -> dict:
-        return json.loads((self.work / "state.json").read_text())
+        """The resume point; a damaged one is an OutputError naming the file and what to do."""
+        path = self.work / "state.json"
+        try:
+            state = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise OutputError(f"the resume point {path} is damaged ({error}); rerun without --resume to "
+                              "start over") from error
+        if not isinstance(state, dict) or "fingerprint" not in state:
+            raise OutputError(f"the resume point {path} is damaged (no settings' fingerprint in it); rerun "
+                              "without --resume to start over")
+        return state
 
     def save_state(self, state: dict) -> None:
         write_json(self.work / "state.json", state)
