@@ -22,6 +22,7 @@ import torch
 from .. import distributed
 from ..capture import catch_block0_inputs, catch_block_kwargs
 from ..checkpoint.errors import OutputError
+from ..checkpoint.writer import fsync_directory
 from ..checkpoint.tree import UnsavableValueError
 from ..config import ConfigError
 from ..faults import fault_point
@@ -204,6 +205,7 @@ class RunState:
         if store.on_disk and store.path.name == filename:
             with open(store.path, "rb+") as handle:
                 os.fsync(handle.fileno())
+            fsync_directory(self.activations)  # the file was created during the block: its name too
         else:
             store.save_to(self.activations / filename)
         return filename
