@@ -212,12 +212,13 @@ class RunDirectory:
 
     def load_tree(self, name: str):
         """What `save_tree(name, ...)` saved; a damaged or missing file is an OutputError saying so."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             structure = json.loads((self.work / f"{name}.json").read_text())
             return tree.decode(structure, load_file(str(self.work / f"{name}.safetensors")))
-        except (OSError, ValueError, UnicodeDecodeError) as error:  # JSON's, safetensors' and tree's errors
+        except (OSError, ValueError, SafetensorError) as error:  # JSON's and tree's are ValueErrors
             raise OutputError(f"cannot read {self.work / name}.json/.safetensors, which the unfinished run "
                               f"saved ({error}); rerun without --resume to start over") from error
 
