@@ -267,3 +267,24 @@ def test_a_damaged_resume_point_is_a_clear_error_and_nothing_is_deleted(setup, t
     arguments = work / "block_calls.safetensors"
     arguments.write_bytes(arguments.read_bytes()[:40])
     resume_fails(f"cannot read {work / 'block_calls'}.json/.safetensors, which the unfinished run saved (")
+
+
+def test_an_argument_that_cannot_be_saved_fails_at_once_naming_it(setup, tmp_path, monkeypatch):
+    import torch
+
+    from reconstruct.api import prune
+    from reconstruct.layerwise import state
+    from reconstruct.models import UnsupportedModelError
+
+    caught = state.catch_block_kwargs
+
+    def with_a_dtype(*args):
+        calls, first = caught(*args)
+        calls[1][1]["dtype"] = torch.float16  # as a model might pass its blocks
+        return calls, first
+
+    monkeypatch.setattr(state, "catch_block_kwargs", with_a_dtype)
+    with pytest.raises(UnsupportedModelError, match=r"cannot be saved for resuming: block_calls\[1\]\[1\]\['dtype'\] "
+                                                    r"is a torch.dtype; only tensors"):
+        prune(str(setup[1]), str(tmp_path / "out"), **quick_settings(setup))
+    assert not (tmp_path / "out.partial" / "state.json").exists()

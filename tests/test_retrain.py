@@ -366,6 +366,36 @@ def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text,
     assert json.loads((tmp_path / "out.partial" / "state.json").read_text())["step"] == 2
 
 
+def test_a_damaged_training_state_is_a_clear_error_and_is_kept(pruned_models, sample_text, token_cache,
+                                                               tmp_path, monkeypatch):
+    from reconstruct.checkpoint import OutputError
+    from reconstruct.retraining import trainer
+
+    class Stopped(Exception):
+        pass
+
+    reached = []
+
+    def stop_after_step_2(name):
+        reached.append(name)
+        if len(reached) == 2:  # after step 2's save
+            raise Stopped
+
+    options = settings(sample_text, token_cache, steps=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "fault_point", stop_after_step_2)
+        with pytest.raises(Stopped):
+            retrain(pruned_models["llama"][1], tmp_path / "out", **options)
+    work = tmp_path / "out.partial"
+    assert sorted(p.name for p in work.glob("rng-*.pt")) == ["rng-00000002-00000.pt"]  # older ones gone
+    saved = work / "train_state.pt"
+    saved.write_bytes(saved.read_bytes()[:1000])
+    with pytest.raises(OutputError, match=f"cannot read the training state {saved} .*; rerun without --resume "
+                                          "to start over$"):
+        retrain(pruned_models["llama"][1], tmp_path / "out", resume=True, **options)
+    assert saved.stat().st_size == 1000 and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Layer-wise repair of a checkpoint pruned elsewhere
 def test_masks_from_repairs_layer_wise_with_exactly_the_pruned_zeros(pruned_models, prune_tiny, tmp_path):
