@@ -366,6 +366,13 @@ def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text,
     assert json.loads((tmp_path / "out.partial" / "state.json").read_text())["step"] == 2
 
 
+def test_random_state_files_are_named_by_step_and_an_older_versions_counts_as_oldest():
+    from reconstruct.retraining.state import rng_file, rng_step
+
+    assert rng_file(12, 3) == "rng-00000012-00003.pt" and rng_step(rng_file(12, 3)) == 12
+    assert rng_step("rng-00001.pt") == -1  # an older version's rng-RANK.pt: deleted at the next save
+
+
 def test_a_damaged_training_state_is_a_clear_error_and_is_kept(pruned_models, sample_text, token_cache,
                                                                tmp_path, monkeypatch):
     from reconstruct.checkpoint import OutputError

@@ -34,7 +34,9 @@ def rng_file(step: int, rank: int) -> str:
 
 
 def rng_step(filename: str) -> int:
-    return int(filename.split("-")[1])
+    """The step of a random-state file; -1 for an older version's rng-RANK.pt (older than any step)."""
+    parts = filename.removesuffix(".pt").split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
 
 
 def empty_history() -> dict:
@@ -106,17 +108,19 @@ def resume_training_state(run_dir: RunDirectory, config: RetrainConfig, device: 
         training.scaler.load_state_dict(saved["scaler"])
     training.history = saved["history"]
     random_state = rng_file(saved["step"], distributed.rank())  # of the training state's step
-    if state.get("world_size", 1) == distributed.world_size() and (run_dir.work / random_state).exists():
+    started_with = state.get("world_size", 1)
+    if started_with == distributed.world_size() and (run_dir.work / random_state).exists():
         rng = load_saved(run_dir, random_state)
         torch.set_rng_state(rng["rng"])
         if rng["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda_rng"], device)
     else:
-        # Another number of ranks: the windows, gradients and optimiser state are the same (the
-        # batch is global), only dropout's random stream starts afresh.
-        log.warning("resuming with %d processes where the run started with %d: training continues "
-                    "from step %d, with a new random state for dropout", distributed.world_size(),
-                    state.get("world_size", 1), saved["step"])
+        # Another number of ranks (or a state saved by an older version): the windows, gradients and
+        # optimiser state are the same (the batch is global), only dropout's random stream starts afresh.
+        why = (f"resuming with {distributed.world_size()} processes where the run started with {started_with}"
+               if started_with != distributed.world_size() else f"no {random_state} in {run_dir.work}")
+        log.warning("%s: training continues from step %d, with a new random state for dropout", why,
+                    saved["step"])
         torch.manual_seed(config.seed + distributed.rank() + saved["step"])
     log.info("resuming at step %d of %d", saved["step"], config.steps)
     return saved["step"]
