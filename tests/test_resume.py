@@ -288,3 +288,16 @@ def test_an_argument_that_cannot_be_saved_fails_at_once_naming_it(setup, tmp_pat
                                                     r"is a torch.dtype; only tensors"):
         prune(str(setup[1]), str(tmp_path / "out"), **quick_settings(setup))
     assert not (tmp_path / "out.partial" / "state.json").exists()
+
+
+def test_a_directory_with_a_state_json_of_its_own_is_left_alone(setup, tmp_path):
+    """Only an OUT of ours (our index, our state.json) killed while cleaning up is cleaned up."""
+    from reconstruct.checkpoint import OutputError, RunDirectory
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "state.json").write_text('{"epoch": 3}')
+    (out / "weights.pt").write_bytes(b"not ours")
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        RunDirectory(out).prepare(overwrite=False, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["state.json", "weights.pt"]

@@ -171,7 +171,7 @@ class RunDirectory:
     # -- starting ------------------------------------------------------------------------------------
     def prepare(self, overwrite: bool, resume: bool) -> bool:
         """Create the work directory; return True when an earlier run's state is there to resume."""
-        if (self.out / "state.json").exists():  # an earlier run was killed while cleaning up OUT
+        if self.interrupted_clean_up():
             self.delete_work_files(self.out)
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             resumable = (f" (with --resume to continue the unfinished run in {self.work})"
@@ -187,6 +187,16 @@ class RunDirectory:
         except OSError as error:
             raise OutputError(error.errno, f"cannot create {self.work}: {error.strerror}") from error
         return False
+
+    def interrupted_clean_up(self) -> bool:
+        """Whether OUT is a finished output whose work files were being deleted when the run was
+        killed: our index beside our state.json (never a directory of the user's that has a state.json)."""
+        try:
+            state = json.loads((self.out / "state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (self.out / "model.safetensors.index.json").exists() and isinstance(state, dict) and \
+            "fingerprint" in state
 
     # -- shards and state ----------------------------------------------------------------------------
     @staticmethod
