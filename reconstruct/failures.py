@@ -35,6 +35,10 @@ BAD_INPUT_ERRORS = frozenset({
 # Error classes of the package that are not about the input: the command line reports them itself.
 NOT_BAD_INPUT = frozenset({
     "reconstruct.distributed.DistributedError",  # another rank failed: one line, exit 1
+    # Never reach the command line: the run directory and the layer-wise state turn them into an
+    # OutputError or UnsupportedModelError that names the file or the model's argument
+    "reconstruct.checkpoint.tree.DamagedTreeError",
+    "reconstruct.checkpoint.tree.UnsavableValueError",
 })
 # OSErrors that the machine causes, not the input or the program.
 MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.writer import fsync_directory
+
 
 class ActivationStore:
     """Hidden states for `windows` calibration windows, in RAM (`path=None`) or memory-mapped."""
@@ -37,6 +39,13 @@ class ActivationStore:
         """Map an existing store file (e.g. the inputs saved for resuming), without copying it."""
         store = cls.__new__(cls)
         store.shape, store.dtype, store.path = tuple(shape), dtype, Path(path)
+        expected = math.prod(shape) * dtype.itemsize
+        try:
+            size = os.path.getsize(path)
+        except OSError as error:
+            raise _unreadable(path, error) from error
+        if size != expected:  # a shorter file would be silently extended with zeros by the mapping
+            raise _unreadable(path, f"{size} bytes where {expected} were saved")
         store.data = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         return store
 
@@ -51,10 +60,7 @@ class ActivationStore:
                     if handle.readinto(memoryview(view).cast("B")) != view.nbytes:
                         raise ValueError("file shorter than the store")
         except (OSError, ValueError) as error:
-            from .checkpoint import OutputError
-
-            raise OutputError(f"cannot read the saved activations {path} ({error}); rerun without --resume "
-                              "to start over") from error
+            raise _unreadable(path, error) from error
         return store
 
     @property
@@ -83,6 +89,7 @@ class ActivationStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, destination)
+            fsync_directory(destination.parent)
         except OSError as error:
             temporary.unlink(missing_ok=True)
             if error.errno == errno.ENOSPC:
@@ -108,6 +115,14 @@ def _reserve(handle, nbytes: int, path: Path) -> None:
                 raise _no_space(path) from error
             # Not supported by this file system: a sparse file, as without posix_fallocate.
     handle.truncate(nbytes)
+
+
+def _unreadable(path: Path, reason) -> OSError:
+    """A saved store that cannot be read back (truncated, missing), as the run's OutputError."""
+    from .checkpoint import OutputError
+
+    return OutputError(f"cannot read the saved activations {path} ({reason}); rerun without --resume to "
+                       "start over")
 
 
 def _no_space(path: Path) -> OSError:

@@ -264,3 +264,42 @@ def test_background_write_raises_in_the_caller_and_is_waited_for():
     called = []
     BackgroundWrite(lambda: called.append(1), enabled=False).result()
     assert called == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Nested values with tensors, saved without pickle (the blocks' arguments for resuming)
+def test_tree_round_trip_keeps_types_and_shared_tensors(tmp_path):
+    from reconstruct.checkpoint import RunDirectory
+
+    rotary = (torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    calls = [((), {"attention_mask": None, "position_embeddings": rotary, "use_cache": False, "scale": 0.5,
+                   "layer": 3, "kind": "full", "ids": [torch.arange(4)]}),
+             ((torch.ones(2, dtype=torch.bool),), {"position_embeddings": rotary})]
+    run_dir = RunDirectory(tmp_path / "out")
+    run_dir.work.mkdir()
+    run_dir.save_tree("calls", calls)
+    loaded = run_dir.load_tree("calls")
+    assert type(loaded) is list and type(loaded[0]) is tuple and type(loaded[0][1]["ids"]) is list
+    assert loaded[0][1]["use_cache"] is False and loaded[0][1]["attention_mask"] is None
+    assert loaded[0][1]["scale"] == 0.5 and loaded[0][1]["layer"] == 3 and loaded[0][1]["kind"] == "full"
+    assert torch.equal(loaded[1][0][0], calls[1][0][0]) and loaded[1][0][0].dtype == torch.bool
+    assert all(torch.equal(a, b) for a, b in zip(loaded[0][1]["position_embeddings"], rotary))
+    # The same tensor object in several places is saved once and read back as one object
+    assert loaded[0][1]["position_embeddings"][0] is loaded[1][1]["position_embeddings"][0]
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir.work / "calls.safetensors"), "pt") as handle:
+        assert len(list(handle.keys())) == 4  # two rotary tensors, the bool mask, the ids
+
+
+def test_tree_refuses_what_it_cannot_save_naming_where_it_is(tmp_path):
+    from reconstruct.checkpoint import RunDirectory
+    from reconstruct.checkpoint.tree import UnsavableValueError
+
+    run_dir = RunDirectory(tmp_path / "out")
+    run_dir.work.mkdir()
+    with pytest.raises(UnsavableValueError, match=r"^block_calls\[1\]\[1\]\['dtype'\] is a torch.dtype$"):
+        run_dir.save_tree("block_calls", [((), {}), ((), {"dtype": torch.float16})])
+    with pytest.raises(UnsavableValueError, match=r"has a key 3 of type int"):
+        run_dir.save_tree("block_calls", [{3: None}])
+    assert not list(run_dir.work.iterdir())  # refused before writing anything

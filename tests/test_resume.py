@@ -160,3 +160,144 @@ def test_finished_output_is_not_replaced(setup, reference):
               correction="masklora", rank=4, steps=20, lr=3e-4, resume=True,
               cache_dir=str(root / "token-cache"))
     assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+
+
+# --------------------------------------------------------------------------------------------------
+# What --resume reads: never a pickle; a damaged file is a clear error, and nothing is deleted
+class Stopped(Exception):
+    """Raised where a fault point is, to leave an unfinished run in-process (no SIGKILL needed)."""
+
+
+def quick_settings(setup) -> dict:
+    root, model, text = setup
+    return dict(method="wanda", sparsity=0.5, correction="none", calib=str(text), nsamples=8, seqlen=32,
+                device="cpu", cache_dir=str(root / "token-cache"))
+
+
+def quick_argv(setup, out: Path, *extra: str) -> list[str]:
+    root, model, text = setup
+    return ["prune", str(model), "--out", str(out), "--method", "wanda", "--sparsity", "0.5", "--correction",
+            "none", "--calib", str(text), "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
+            "--cache-dir", str(root / "token-cache"), *extra]
+
+
+def stopped_after_block_0(setup, out: Path, monkeypatch) -> Path:
+    """Run the quick prune until block 0 is recorded, then stop it; return OUT.partial."""
+    from reconstruct.api import prune
+    from reconstruct.layerwise import driver
+
+    def stop(name):
+        if name == "block-write":
+            raise Stopped
+
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "fault_point", stop)
+        with pytest.raises(Stopped):
+            prune(str(setup[1]), str(out), **quick_settings(setup))
+    work = out.with_name(out.name + ".partial")
+    assert next_block(work) == 1
+    return work
+
+
+class PlantedPickle:
+    """Unpickled, it creates the file `marker` (as a malicious block_calls.pt could run any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_never_unpickles_the_blocks_arguments(setup, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from reconstruct.api import prune
+    from reconstruct.cli import main
+
+    prune(str(setup[1]), str(tmp_path / "reference"), **quick_settings(setup))
+    marker = tmp_path / "code-was-run"
+
+    # The arguments are saved without pickle: a block_calls.pt planted beside them is never read.
+    out = tmp_path / "out"
+    work = stopped_after_block_0(setup, out, monkeypatch)
+    assert {"block_calls.json", "block_calls.safetensors"} <= {p.name for p in work.iterdir()}
+    torch.save(PlantedPickle(marker), work / "block_calls.pt")
+    prune(str(setup[1]), str(out), resume=True, **quick_settings(setup))
+    assert not marker.exists()
+    assert_same_checkpoint(out, tmp_path / "reference")
+    assert not list(out.glob("block_calls*"))  # work files, not shipped
+
+    # A run left by an older version (its arguments pickled): refused without reading it, kept.
+    out = tmp_path / "old"
+    work = stopped_after_block_0(setup, out, monkeypatch)
+    for name in ("block_calls.json", "block_calls.safetensors"):
+        (work / name).unlink()
+    torch.save(PlantedPickle(marker), work / "block_calls.pt")
+    capsys.readouterr()
+    assert main(quick_argv(setup, out, "--resume")) == 2
+    assert capsys.readouterr().err == (f"reconstruct prune: error: the unfinished run in {work} was saved by an "
+                                       "older version of reconstruct (no block_calls.json); rerun without "
+                                       "--resume to start over\n")
+    assert not marker.exists() and next_block(work) == 1
+
+    torch.load(work / "block_calls.pt", weights_only=False)  # the planted file is live: it was never read
+    assert marker.exists()
+
+
+def test_a_damaged_resume_point_is_a_clear_error_and_nothing_is_deleted(setup, tmp_path, monkeypatch, capsys):
+    from reconstruct.cli import main
+
+    out = tmp_path / "out"
+    work = stopped_after_block_0(setup, out, monkeypatch)
+    state = (work / "state.json").read_bytes()
+
+    def resume_fails(message: str) -> None:
+        before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        assert main(quick_argv(setup, out, "--resume")) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"reconstruct prune: error: {message}") and error.count("\n") == 1, error
+        assert error.endswith("; rerun without --resume to start over\n"), error
+        assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before and not out.exists()
+
+    (work / "state.json").write_bytes(state[:len(state) // 2])  # cut short
+    resume_fails(f"the resume point {work / 'state.json'} is damaged (")
+    (work / "state.json").write_bytes(state)
+    arguments = work / "block_calls.safetensors"
+    arguments.write_bytes(arguments.read_bytes()[:40])
+    resume_fails(f"cannot read {work / 'block_calls'}.json/.safetensors, which the unfinished run saved (")
+
+
+def test_an_argument_that_cannot_be_saved_fails_at_once_naming_it(setup, tmp_path, monkeypatch):
+    import torch
+
+    from reconstruct.api import prune
+    from reconstruct.layerwise import state
+    from reconstruct.models import UnsupportedModelError
+
+    caught = state.catch_block_kwargs
+
+    def with_a_dtype(*args):
+        calls, first = caught(*args)
+        calls[1][1]["dtype"] = torch.float16  # as a model might pass its blocks
+        return calls, first
+
+    monkeypatch.setattr(state, "catch_block_kwargs", with_a_dtype)
+    with pytest.raises(UnsupportedModelError, match=r"cannot be saved for resuming: block_calls\[1\]\[1\]\['dtype'\] "
+                                                    r"is a torch.dtype; only tensors"):
+        prune(str(setup[1]), str(tmp_path / "out"), **quick_settings(setup))
+    assert not (tmp_path / "out.partial" / "state.json").exists()
+
+
+def test_a_directory_with_a_state_json_of_its_own_is_left_alone(setup, tmp_path):
+    """Only an OUT of ours (our index, our state.json) killed while cleaning up is cleaned up."""
+    from reconstruct.checkpoint import OutputError, RunDirectory
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "state.json").write_text('{"epoch": 3}')
+    (out / "weights.pt").write_bytes(b"not ours")
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        RunDirectory(out).prepare(overwrite=False, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["state.json", "weights.pt"]

@@ -456,6 +456,43 @@ def test_a_non_finite_loss_stops_with_the_step_named(pruned_models, sample_text,
     assert json.loads((tmp_path / "out.partial" / "state.json").read_text())["step"] == 2
 
 
+def test_random_state_files_are_named_by_step_and_an_older_versions_counts_as_oldest():
+    from reconstruct.retraining.state import rng_file, rng_step
+
+    assert rng_file(12, 3) == "rng-00000012-00003.pt" and rng_step(rng_file(12, 3)) == 12
+    assert rng_step("rng-00001.pt") == -1  # an older version's rng-RANK.pt: deleted at the next save
+
+
+def test_a_damaged_training_state_is_a_clear_error_and_is_kept(pruned_models, sample_text, token_cache,
+                                                               tmp_path, monkeypatch):
+    from reconstruct.checkpoint import OutputError
+    from reconstruct.retraining import trainer
+
+    class Stopped(Exception):
+        pass
+
+    reached = []
+
+    def stop_after_step_2(name):
+        reached.append(name)
+        if len(reached) == 2:  # after step 2's save
+            raise Stopped
+
+    options = settings(sample_text, token_cache, steps=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "fault_point", stop_after_step_2)
+        with pytest.raises(Stopped):
+            retrain(pruned_models["llama"][1], tmp_path / "out", **options)
+    work = tmp_path / "out.partial"
+    assert sorted(p.name for p in work.glob("rng-*.pt")) == ["rng-00000002-00000.pt"]  # older ones gone
+    saved = work / "train_state.pt"
+    saved.write_bytes(saved.read_bytes()[:1000])
+    with pytest.raises(OutputError, match=f"cannot read the training state {saved} .*; rerun without --resume "
+                                          "to start over$"):
+        retrain(pruned_models["llama"][1], tmp_path / "out", resume=True, **options)
+    assert saved.stat().st_size == 1000 and not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Layer-wise repair of a checkpoint pruned elsewhere
 def test_masks_from_repairs_layer_wise_with_exactly_the_pruned_zeros(pruned_models, prune_tiny, tmp_path):

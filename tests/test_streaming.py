@@ -170,8 +170,10 @@ def test_saved_inputs_open_in_ram_or_mapped_by_the_same_rule(tmp_path):
 
     with open(tmp_path / "inputs.bin", "rb+") as handle:
         handle.truncate(100)
-    with pytest.raises(OSError, match="cannot read the saved activations .*rerun without --resume"):
-        store_module.StoreFactory("ram", tmp_path, None, 2).open(tmp_path / "inputs.bin", shape, dtype)
+    for where in ("ram", "disk"):  # mapped, a short file would silently grow zeros
+        with pytest.raises(OutputError, match="cannot read the saved activations .*inputs.bin.*rerun without --resume"):
+            store_module.StoreFactory(where, tmp_path, None, 2).open(tmp_path / "inputs.bin", shape, dtype)
+    assert (tmp_path / "inputs.bin").stat().st_size == 100  # left as it was
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,3 +656,30 @@ def test_prefetching_on_the_cpu_gives_the_same_files(tiny_checkpoint, prune_tiny
         assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes(), name
 
 
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name a descriptor's file")
+def test_full_disk_while_saving_the_resume_point_is_resumable(model, text, root, reference, monkeypatch, tmp_path):
+    """The third state.json (after block 1) cannot be written: the one before it stays whole, and
+    --resume redoes block 1."""
+    original, saves = os.fsync, []
+
+    def full(fd, *args):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/state.json.tmp"):
+            saves.append(fd)
+            if len(saves) == 3:
+                raise enospc()
+        return original(fd, *args)
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="no space left.*state.json.*--resume") as caught:
+        prune(str(model), str(out), **settings(text, root))
+    assert caught.value.errno == errno.ENOSPC
+    work = out.with_name("out.partial")
+    assert not out.exists() and not list(work.rglob("*.tmp"))
+    assert json.loads((work / "state.json").read_text())["next_block"] == 1
+
+    monkeypatch.setattr(os, "fsync", original)  # space freed
+    prune(str(model), str(out), resume=True, **settings(text, root))
+    assert_same_checkpoint(out, reference)

@@ -2,9 +2,19 @@
 
 Everything is written under `OUT.partial/`: one safetensors shard per block as soon as the block is
 done, the inputs of the next block, and `state.json` naming the next block. Each file is written to a
-temporary name and renamed, and `state.json` is replaced last, so a run killed at any instant resumes
-from the last finished block. Only when every shard is written does `OUT.partial` become `OUT`: a
-directory named `OUT` is always complete.
+temporary name, made durable, and renamed (and the directory made durable after the rename), and
+`state.json` is replaced last, so a run killed at any instant resumes from the last finished block.
+
+Finishing is renames first, clean-up last, so a kill at any point leaves a resumable `OUT.partial`
+or a complete `OUT`:
+
+    write the index, config, tokenizer, report into OUT.partial    (still resumable: state.json)
+    an old OUT (under --overwrite) -> OUT.partial/replaced-output   (still resumable)
+    OUT.partial -> OUT                                             (complete; work files inside)
+    delete the work files from OUT, state.json last
+
+A directory named `OUT` is always complete; one that still holds `state.json` was killed during the
+clean-up, which the next run in that directory finishes (`prepare`).
 """
 from __future__ import annotations
 
@@ -20,6 +30,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..faults import fault_point
+from . import tree
 from .errors import OutputError
 from .safetensors import SAFETENSORS_DTYPES
 
@@ -28,13 +40,29 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "added_tokens.json")
 
 
+REPLACED_OUTPUT = "replaced-output"  # an old OUT under --overwrite, moved into OUT.partial to be deleted
+# The run's work files, not its output: deleted from OUT once it is in place, `state.json` last.
+WORK_FILES = (REPLACED_OUTPUT, "activations", "block_calls.*", "*.pt", "*.tmp")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable: without it a crash of the machine may undo the rename."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def _atomic(path: Path, write) -> None:
     temporary = path.with_name(path.name + ".tmp")
     try:
         write(temporary)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
+        fault_point("atomic-written")
         os.replace(temporary, path)
+        fsync_directory(path.parent)
     except OSError as error:
         temporary.unlink(missing_ok=True)
         if error.errno == errno.ENOSPC:
@@ -144,6 +172,8 @@ class RunDirectory:
     def check_output(self, overwrite: bool) -> None:
         """Fail if OUT holds something this run may not replace. Called first, right after the lock is
         taken: before the model is opened or any data is read (calibration text can take minutes)."""
+        if self.interrupted_clean_up():  # a finished output whose clean-up a kill interrupted
+            self.delete_work_files(self.out)
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             resumable = (f" (with --resume to continue the unfinished run in {self.work})"
                          if (self.work / "state.json").exists() else "")  # an interrupted --overwrite run
@@ -163,6 +193,16 @@ class RunDirectory:
             raise OutputError(error.errno, f"cannot create {self.work}: {error.strerror}") from error
         return False
 
+    def interrupted_clean_up(self) -> bool:
+        """Whether OUT is a finished output whose work files were being deleted when the run was
+        killed: our index beside our state.json (never a directory of the user's that has a state.json)."""
+        try:
+            state = json.loads((self.out / "state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (self.out / "model.safetensors.index.json").exists() and isinstance(state, dict) and \
+            "fingerprint" in state
+
     # -- shards and state ----------------------------------------------------------------------------
     @staticmethod
     def shard_name(index: int, total: int) -> str:
@@ -179,8 +219,40 @@ class RunDirectory:
         """A text file of the output (the model card), atomically."""
         _atomic(self.work / name, lambda p: p.write_text(text))
 
+    def save_tree(self, name: str, value) -> None:
+        """Nested tensors, lists, dicts and scalars as NAME.safetensors and NAME.json (checkpoint/tree.py:
+        no pickle); raises tree.UnsavableValueError, naming the place in `value` as NAME[...], for
+        anything else."""
+        structure, tensors = tree.encode(value, root=name)
+        from safetensors.torch import save_file
+
+        _atomic(self.work / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic(self.work / f"{name}.json", lambda p: p.write_text(tree.to_json(structure)))
+
+    def load_tree(self, name: str):
+        """What `save_tree(name, ...)` saved; a damaged or missing file is an OutputError saying so."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            structure = json.loads((self.work / f"{name}.json").read_text())
+            return tree.decode(structure, load_file(str(self.work / f"{name}.safetensors")))
+        except (OSError, ValueError, SafetensorError) as error:  # JSON's and tree's are ValueErrors
+            raise OutputError(f"cannot read {self.work / name}.json/.safetensors, which the unfinished run "
+                              f"saved ({error}); rerun without --resume to start over") from error
+
     def load_state(self) -> dict:
-        return json.loads((self.work / "state.json").read_text())
+        """The resume point; a damaged one is an OutputError naming the file and what to do."""
+        path = self.work / "state.json"
+        try:
+            state = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise OutputError(f"the resume point {path} is damaged ({error}); rerun without --resume to "
+                              "start over") from error
+        if not isinstance(state, dict) or "fingerprint" not in state:
+            raise OutputError(f"the resume point {path} is damaged (no settings' fingerprint in it); rerun "
+                              "without --resume to start over")
+        return state
 
     def save_state(self, state: dict) -> None:
         write_json(self.work / "state.json", state)
@@ -204,15 +276,39 @@ class RunDirectory:
             if (source_dir / name).exists():
                 shutil.copyfile(source_dir / name, self.work / name)
         write_json(self.work / "report.json", report)
-        shutil.rmtree(self.activations, ignore_errors=True)
-        (self.work / "state.json").unlink(missing_ok=True)
-        for leftover in self.work.glob("*.pt"):
-            leftover.unlink()
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.work, self.out)
+        for path in self.work.iterdir():  # config and tokenizer were written in place: made durable now
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        self.publish()
         return self.out
 
+    def publish(self) -> None:
+        """OUT.partial becomes OUT by renames alone, then the work files go (the module docstring)."""
+        fault_point("finish-written")
+        if self.out.exists():
+            os.replace(self.out, self.work / REPLACED_OUTPUT)  # same file system: a rename
+            fsync_directory(self.work)
+            fsync_directory(self.out.parent)
+            fault_point("finish-old-moved")
+        os.replace(self.work, self.out)
+        fsync_directory(self.out.parent)
+        fault_point("finish-renamed")
+        self.delete_work_files(self.out)
+
+    @staticmethod
+    def delete_work_files(directory: Path) -> None:
+        """Delete the run's work files from a finished `directory`, state.json last: while it is there,
+        the clean-up is unfinished (and `prepare` finishes it)."""
+        for pattern in WORK_FILES:
+            for path in sorted(directory.glob(pattern)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            fault_point("finish-cleaning")
+        (directory / "state.json").unlink(missing_ok=True)
+        fsync_directory(directory)
 
 def _numel(shape) -> int:
     total = 1

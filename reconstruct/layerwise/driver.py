@@ -27,6 +27,7 @@ import torch
 from .. import distributed
 from ..capture import kwargs_to
 from ..checkpoint import BackgroundWrite, RunDirectory
+from ..faults import fault_point
 from ..lock import run_lock
 from ..memory import limit_heap_fragmentation, return_freed_memory
 from ..model_card import changed_settings, prune_card, python_call
@@ -147,6 +148,7 @@ class Driver:
         with clock.phase("load"):
             block, call = self.load_block(index)
             linears = prunable_linears(block, config.layers)
+        fault_point("block-load")  # tests/test_faults.py kills the run after each phase, one by one
 
         # 1. Run the dense block: statistics of every linear's inputs, and the dense outputs (targets).
         #    Magnitude pruning without a correction needs neither: no dense pass at all; nor does
@@ -160,6 +162,7 @@ class Driver:
                 stats, dense = observe_block(index, block, call, linears if with_statistics else {}, fit_inputs,
                                              dense_inputs, with_targets, config=config, recipe=recipe,
                                              stores=state.stores, batch_size=batch_size, device=device)
+            fault_point("block-observe")
 
         # 2. Prune every linear of the block (or take it, pruned elsewhere, with --masks-from).
         with clock.phase("prune"):
@@ -169,6 +172,7 @@ class Driver:
                                          "pruned weights": [linear.weight for linear in linears.values()]},
                                         f"block {index} after pruning")
             return_freed_memory()
+        fault_point("block-prune")
 
         # 3. Fit the correction towards the dense outputs; merge it, or discard it if it is worse.
         fit_reports = []
@@ -179,6 +183,7 @@ class Driver:
                                                    device=device)
                 distributed.check_identical({"corrected weights": list(block.state_dict().values())},
                                             f"block {index} after the correction")
+            fault_point("block-fit")
 
         # 4. Re-run the repaired block: its outputs feed the next block. The block's weights are
         #    final: rank 0 writes its shard meanwhile.
@@ -193,6 +198,7 @@ class Driver:
             with meter:
                 replay(block, inputs, call, batch_size, device, next_inputs, meter, state.windows.own.start)
             meter.sum_across_ranks()
+        fault_point("block-replay")
 
         # 5. Finish writing the block, record the resume point, free everything of this block.
         with clock.phase("write"):
@@ -208,6 +214,7 @@ class Driver:
             if dense.targets is not None:
                 dense.targets.delete()
             return_freed_memory()
+        fault_point("block-write")
         entry.update(block_times(clock))
         for phase, seconds in clock.seconds.items():
             self.clock.add(phase, seconds)

@@ -2,7 +2,8 @@
 
     OUT.partial/state.json       the resume point: the next block, its input files, the shards written,
                                  the report's entries so far, and the settings' fingerprint
-    OUT.partial/block_calls.pt   every block's keyword arguments, caught once at the start
+    OUT.partial/block_calls.*    every block's keyword arguments, caught once at the start: the tensors
+                                 in .safetensors, the structure in .json (no pickle: resuming runs no code)
     OUT.partial/activations/     the next block's inputs (and the dense model's), one file each; with
                                  several processes, each rank's share under rank-NNNNN/
 
@@ -14,21 +15,26 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .. import distributed
 from ..capture import catch_block0_inputs, catch_block_kwargs
+from ..checkpoint.errors import OutputError
+from ..checkpoint.writer import fsync_directory
+from ..checkpoint.tree import UnsavableValueError
 from ..config import ConfigError
+from ..faults import fault_point
 from ..memory import default_activation_budget
-from ..models import ModelAdapter
+from ..models import ModelAdapter, UnsupportedModelError
 from ..store import ActivationStore, StoreFactory
 from ..checkpoint import RunDirectory
 from .pipeline import Recipe, WindowShare
 
 log = logging.getLogger(__name__)
+
+BLOCK_CALLS = "block_calls"  # .safetensors and .json
 
 
 def has_resume_point(run_dir: RunDirectory, config) -> bool:
@@ -105,8 +111,7 @@ class RunState:
             catch_block0_inputs(adapter.model, adapter.blocks, windows[own.start:own.stop], inputs, batch_size, "cpu")
         finally:
             adapter.release_embeddings()
-        distributed.on_main(lambda: torch.save(calls, self.run_dir.work / "block_calls.pt"),
-                            "saving the blocks' arguments")
+        distributed.on_main(lambda: self.save_block_calls(calls), "saving the blocks' arguments")
         dense_name = None
         if carries_dense_model:
             dense = self.stores.create("dense-00000", self.windows.local_shape(shape), adapter.storage_dtype)
@@ -135,11 +140,26 @@ class RunState:
                                   f"process(es), this one has {now}: resume it with the same number (torchrun "
                                   f"--nproc_per_node {started_with}, or no torchrun for 1), or rerun without "
                                   "--resume to start over")
-            return record, torch.load(work / "block_calls.pt", weights_only=False)
+            if not (work / f"{BLOCK_CALLS}.json").exists():
+                # Never unpickled: an older version's block_calls.pt could run any code when read.
+                raise OutputError(f"the unfinished run in {work} was saved by an older version of reconstruct "
+                                  f"(no {BLOCK_CALLS}.json); rerun without --resume to start over")
+            return record, self.run_dir.load_tree(BLOCK_CALLS)
 
         self.record, self.block_calls = distributed.on_main(load, "reading the resume point")
         self.windows = WindowShare.of(self.record["shape"][0])
         log.info("resuming at block %d of %d", self.next_block, num_blocks)
+
+    def save_block_calls(self, calls: list[tuple]) -> None:
+        """Every block's (args, kwargs), without pickle (checkpoint/tree.py)."""
+        try:
+            self.run_dir.save_tree(BLOCK_CALLS, calls)
+        except UnsavableValueError as error:  # block_calls[BLOCK][0]: positional, [1]: keyword arguments
+            raise UnsupportedModelError(
+                f"this model calls its blocks with an argument that cannot be saved for resuming: {error}; "
+                "only tensors, None, bool, int, float, str, lists, tuples and dicts can be. Please report "
+                "the model") from error
+        fault_point("block-calls-saved")
 
     def open_inputs(self) -> tuple[ActivationStore, ActivationStore | None]:
         """The next block's saved inputs (and the dense model's, for --target dense/none)."""
@@ -185,6 +205,7 @@ class RunState:
         if store.on_disk and store.path.name == filename:
             with open(store.path, "rb+") as handle:
                 os.fsync(handle.fileno())
+            fsync_directory(self.activations)  # the file was created during the block: its name too
         else:
             store.save_to(self.activations / filename)
         return filename
@@ -192,8 +213,7 @@ class RunState:
     # -- the end -------------------------------------------------------------------------------------
     def finish(self, adapter: ModelAdapter, report: dict) -> Path:
         """Write the index, config, tokenizer and report, and make the output directory visible."""
-        if distributed.world_size() > 1:  # each rank's own activations; rank 0's finish removes the rest
-            shutil.rmtree(self.activations, ignore_errors=True)
+        # The activations stay until OUT is in place (the resume point of a run killed while finishing)
         distributed.barrier("waiting for every rank to finish its last block")
         # Every rank waits for rank 0's final save, and fails with it if it fails.
         return distributed.on_main(lambda: self.run_dir.finish(adapter.checkpoint.directory,

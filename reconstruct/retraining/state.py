@@ -2,7 +2,10 @@
 and restored by --resume.
 
 Only the trainable parameters, their optimiser state, the schedule, the loss history and each rank's
-random state are saved: the frozen model is the input checkpoint itself. Every tensor is saved whole
+random state are saved: the frozen model is the input checkpoint itself. The random states are named
+by step and the one of the training state's step is loaded, so a run killed between the two files
+never resumes step k with step k+s's random state; older ones are deleted once the new training state
+is in place. Every tensor is saved whole
 (gathered under --fsdp), so the files are laid out the same on 1 or N ranks, with or without
 --fsdp, and a run may resume on another number of ranks.
 """
@@ -18,15 +21,22 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError, RetrainConfig
-from ..checkpoint import RunDirectory
+from ..checkpoint import OutputError, RunDirectory
+from ..faults import fault_point
 
 log = logging.getLogger(__name__)
 
 TRAINING_STATE = "train_state.pt"
 
 
-def rng_file(rank: int) -> str:
-    return f"rng-{rank:05d}.pt"
+def rng_file(step: int, rank: int) -> str:
+    return f"rng-{step:08d}-{rank:05d}.pt"
+
+
+def rng_step(filename: str) -> int:
+    """The step of a random-state file; -1 for an older version's rng-RANK.pt (older than any step)."""
+    parts = filename.removesuffix(".pt").split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
 
 
 def empty_history() -> dict:
@@ -48,11 +58,12 @@ class TrainingState:
 def save_training_state(run_dir: RunDirectory, config: RetrainConfig, device: torch.device,
                         training: TrainingState, step: int) -> None:
     """Each rank's random state, then (rank 0) the trainable parameters, optimiser, schedule and
-    history, then state.json, the resume marker, last."""
-    run_dir.save_torch(rng_file(distributed.rank()), {
+    history, then state.json, the resume marker; then the random states of earlier steps go."""
+    run_dir.save_torch(rng_file(step, distributed.rank()), {
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     distributed.barrier("waiting for every rank to save its random state")
+    fault_point("retrain-random-state-saved")
     # Whole tensors, gathered by every rank under --fsdp: the file one process writes
     trainable = [distributed.full_tensor(p).detach().cpu() for p in training.parameters]
     optimizer = distributed.whole_optimizer_state(training.optimizer)
@@ -62,8 +73,13 @@ def save_training_state(run_dir: RunDirectory, config: RetrainConfig, device: to
                  "optimizer": optimizer, "scheduler": training.scheduler.state_dict(),
                  "scaler": training.scaler.state_dict() if training.scaler else None, "history": training.history}
         run_dir.save_torch(TRAINING_STATE, state)
+        fault_point("retrain-training-state-saved")
         run_dir.save_state({"fingerprint": config.fingerprint(), "step": step,
                             "command": "retrain", "world_size": distributed.world_size()})
+        # Earlier steps only: another rank may already be writing the next step's random state
+        for path in run_dir.work.glob("rng-*.pt"):
+            if rng_step(path.name) < step:
+                path.unlink(missing_ok=True)
     distributed.on_main(save, "saving the training state")
 
 
@@ -82,7 +98,7 @@ def resume_training_state(run_dir: RunDirectory, config: RetrainConfig, device: 
         raise ConfigError(f"the unfinished run in {run_dir.work} was started with different settings "
                           "(or by another command); rerun without --resume (and with --overwrite if "
                           "needed) to start over")
-    saved = torch.load(run_dir.work / TRAINING_STATE, weights_only=True)
+    saved = load_saved(run_dir, TRAINING_STATE)
     with torch.no_grad():
         for parameter, value in zip(training.parameters, saved["trainable"], strict=True):
             parameter.copy_(distributed.shard_like(value.to(parameter.device), parameter))
@@ -91,21 +107,33 @@ def resume_training_state(run_dir: RunDirectory, config: RetrainConfig, device: 
     if training.scaler and saved["scaler"]:
         training.scaler.load_state_dict(saved["scaler"])
     training.history = saved["history"]
-    random_state = run_dir.work / rng_file(distributed.rank())
-    if state.get("world_size", 1) == distributed.world_size() and random_state.exists():
-        rng = torch.load(random_state, weights_only=True)
+    random_state = rng_file(saved["step"], distributed.rank())  # of the training state's step
+    started_with = state.get("world_size", 1)
+    if started_with == distributed.world_size() and (run_dir.work / random_state).exists():
+        rng = load_saved(run_dir, random_state)
         torch.set_rng_state(rng["rng"])
         if rng["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda_rng"], device)
     else:
-        # Another number of ranks: the windows, gradients and optimiser state are the same (the
-        # batch is global), only dropout's random stream starts afresh.
-        log.warning("resuming with %d processes where the run started with %d: training continues "
-                    "from step %d, with a new random state for dropout", distributed.world_size(),
-                    state.get("world_size", 1), saved["step"])
+        # Another number of ranks (or a state saved by an older version): the windows, gradients and
+        # optimiser state are the same (the batch is global), only dropout's random stream starts afresh.
+        why = (f"resuming with {distributed.world_size()} processes where the run started with {started_with}"
+               if started_with != distributed.world_size() else f"no {random_state} in {run_dir.work}")
+        log.warning("%s: training continues from step %d, with a new random state for dropout", why,
+                    saved["step"])
         torch.manual_seed(config.seed + distributed.rank() + saved["step"])
     log.info("resuming at step %d of %d", saved["step"], config.steps)
     return saved["step"]
+
+
+def load_saved(run_dir: RunDirectory, name: str) -> dict:
+    """A file of the training state, tensors only; a damaged one is an OutputError saying what to do."""
+    path = run_dir.work / name
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as error:  # a truncated zip is a RuntimeError
+        raise OutputError(f"cannot read the training state {path} ({error}); rerun without --resume to "
+                          "start over") from error
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import torch
 from .. import distributed
 from ..config import RetrainConfig
 from ..corrections import CorrectionOptions, ParameterAccess, make_correction
+from ..faults import fault_point
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..model_card import changed_settings, python_call, retrain_card
@@ -190,6 +191,7 @@ class Retrainer:
                     raise KeyboardInterrupt
                 if config.save_every and (step + 1) % config.save_every == 0:
                     self.save_state(step + 1)
+                fault_point("retrain-step")
         if config.save_every and first_step < config.steps:
             self.save_state(config.steps)  # a run killed while writing resumes here
 
