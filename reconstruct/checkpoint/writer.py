@@ -310,6 +310,7 @@ class RunDirectory:
         (directory / "state.json").unlink(missing_ok=True)
         fsync_directory(directory)
 
+
 def _numel(shape) -> int:
     total = 1
     for size in shape:
