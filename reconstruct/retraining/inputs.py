@@ -35,10 +35,8 @@ def check_correction_against_model(adapter: ModelAdapter, correction: Correction
     """A trial attachment to a weightless copy of the model: `--params bias` on a model without
     biases fails here, before any weight is read."""
     trial = copy.deepcopy(adapter.model)
-    masks = {name: torch.ones(linear.weight.shape, dtype=torch.bool, device="meta")
-             for name, linear in prunable_linears_by_name(adapter).items()}
     try:
-        correction.attach(trial, masks, options, torch.Generator())
+        correction.attach(trial, list(prunable_linears_by_name(adapter)), options, torch.Generator())
     except CorrectionError as error:
         raise CorrectionError(f"--params {correction.name}: {error}") from None
 

@@ -16,7 +16,7 @@ from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..models import UnsupportedModelError, open_model
-from ..tensors import masks_from_zeros, restore_exact_zeros
+from ..tensors import keep_only
 from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
                      sparsity_of, training_data)
@@ -57,9 +57,11 @@ class Retrainer:
         check_correction_against_model(self.adapter, self.correction, self.options)
         self.teacher = open_teacher(config, self.adapter) if config.teacher else None
         self.model = self.adapter.load_all()
-        self.masks = masks_from_zeros(prunable_linears_by_name(self.adapter))
-        self.sparsity_before = sparsity_of(self.model, self.masks)
-        zeros = sum(self.sparsity_before[n] * m.numel() for n, m in self.masks.items())
+        # The pruned linears by name, and their shapes; no mask is kept: each linear's is its zeros
+        self.shapes = {name: list(linear.weight.shape)
+                       for name, linear in prunable_linears_by_name(self.adapter).items()}
+        self.sparsity_before = sparsity_of(self.model, self.shapes)
+        zeros = sum(self.sparsity_before[n] * math.prod(shape) for n, shape in self.shapes.items())
         if zeros == 0 and not config.allow_dense:
             raise UnsupportedModelError(
                 f"{config.model} has no zeros in the linear layers of its blocks: it is not pruned. Prune "
@@ -72,7 +74,6 @@ class Retrainer:
                     "rank's shards); use --dtype bf16 or fp32")
             return
         self.model.to(self.device)
-        self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
 
     @property
     def sharded(self) -> bool:
@@ -107,8 +108,7 @@ class Retrainer:
         self.train(step)
         verdict = self.merge_if_not_worse()
         report = final_report(config, verdict, self.training.history,
-                              {name: list(mask.shape) for name, mask in self.masks.items()},
-                              self.sparsity_before, sparsity_of(self.model, self.masks),
+                              self.shapes, self.sparsity_before, sparsity_of(self.model, self.shapes),
                               trainable=self.trainable, model_parameters=self.model_parameters,
                               sharded=self.sharded, device=self.device,
                               wall_time_s=time.perf_counter() - self.started)
@@ -121,7 +121,7 @@ class Retrainer:
         """The correction attached, its optimiser, schedule and gradient scaler; the random state."""
         config = self.config
         torch.manual_seed(config.seed + distributed.rank())  # dropout, where the model has any
-        self.attachment = self.correction.attach(self.model, self.masks, self.options,
+        self.attachment = self.correction.attach(self.model, self.shapes, self.options,
                                                  torch.Generator().manual_seed(config.seed))
         self.model.requires_grad_(False)
         for parameter in self.attachment.trainable:
@@ -247,16 +247,19 @@ class Retrainer:
         merged = math.isfinite(after) and after <= before
         if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
             distributed.unshard_model_(self.model, "cpu")
-            self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
-        if merged:
-            self.attachment.merge()
+        kept_rounded = 0
+        if merged:  # pruned entries +0.0, kept ones never rounded to zero (LinearWrapper.merge)
+            kept_rounded = self.attachment.merge()
         else:
             self.attachment.discard()
             log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
                         "written unchanged; try a lower --lr", before, after)
         self.model.requires_grad_(False)
         self.training.history["heldout"].append([self.config.steps, after])
-        kept_rounded = restore_exact_zeros(self.model, self.masks)
+        with torch.no_grad():  # a −0.0 of the input is written as +0.0, merged or not
+            for name in self.shapes:
+                weight = self.model.get_submodule(name).weight
+                keep_only(weight, weight != 0)
         return {"merged": merged, "heldout_before": before, "heldout_after": after,
                 "kept_weights_rounded_to_zero": kept_rounded}
 
