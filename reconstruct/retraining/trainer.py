@@ -18,8 +18,9 @@ from ..lock import run_lock
 from ..models import UnsupportedModelError, open_model
 from ..tensors import keep_only
 from ..checkpoint import RunDirectory
-from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
-                     sparsity_of, training_data)
+from .inputs import (check_correction_against_model, load_teacher, open_teacher, parameter_count,
+                     prunable_linears_by_name, sparsity_of, training_data)
+from .planning import plan_for_run, with_plan
 from .losses import distillation_sum, next_token_loss_sum
 from .report import final_report, plot_losses
 from .sharding import ShardedParameterAccess, shard_trainable
@@ -55,7 +56,14 @@ class Retrainer:
         config = self.config
         self.adapter = open_model(config.model, config.torch_dtype)
         check_correction_against_model(self.adapter, self.correction, self.options)
-        self.teacher = open_teacher(config, self.adapter) if config.teacher else None
+        teacher = open_teacher(config, self.adapter) if config.teacher else None
+        # The memory plan, before any weight is read: it fails here if nothing fits, and chooses
+        # the passes per step and checkpointing where the user left them open.
+        self.plan = plan_for_run(config, self.adapter, teacher, self.device)
+        self.config = config = with_plan(config, self.plan)
+        if self.plan:
+            log.info("%s", self.plan.render())
+        self.teacher = load_teacher(config, teacher) if teacher else None
         self.model = self.adapter.load_all()
         # The pruned linears by name, and their shapes; no mask is kept: each linear's is its zeros
         self.shapes = {name: list(linear.weight.shape)
@@ -92,8 +100,8 @@ class Retrainer:
             return self._run()
 
     def _run(self) -> RetrainResult:
-        config = self.config
         self.open()
+        config = self.config  # with the memory plan's choices
         # Rank 0 reads the data (the token cache is written once); bad data fails before any write.
         self.train_windows, self.validation = distributed.on_main(lambda: training_data(config, self.adapter),
                                                                   "reading the training data")
@@ -110,7 +118,7 @@ class Retrainer:
         report = final_report(config, verdict, self.training.history,
                               self.shapes, self.sparsity_before, sparsity_of(self.model, self.shapes),
                               trainable=self.trainable, model_parameters=self.model_parameters,
-                              sharded=self.sharded, device=self.device,
+                              sharded=self.sharded, device=self.device, memory_plan=self.plan.as_dict() if self.plan else None,
                               wall_time_s=time.perf_counter() - self.started)
         distributed.barrier("waiting for every rank to finish training")
         out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
