@@ -39,6 +39,7 @@ import torch
 
 from .. import distributed
 from ..config import RetrainConfig
+from ..memory import limit_heap_fragmentation
 from ..models import open_model
 from ..plan import Plan
 from .inputs import open_teacher
@@ -48,6 +49,9 @@ from .trainer import Retrainer, RetrainResult, TrainingError
 
 def run(config: RetrainConfig) -> RetrainResult:
     """Run `config`; under torchrun, as one of several data-parallel processes."""
+    # Freed activations and per-linear temporaries go back to the system, not to a heap that stays
+    # resident under the writing phase's peak (memory.py; measured in docs/memory.md)
+    limit_heap_fragmentation()
     with distributed.process_group(config.device) as device:
         return Retrainer(dataclasses.replace(config, device=device)).run()
 

@@ -15,6 +15,7 @@ from ..config import RetrainConfig
 from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
+from ..memory import return_freed_memory
 from ..models import UnsupportedModelError, open_model
 from ..tensors import keep_only
 from ..checkpoint import RunDirectory
@@ -114,7 +115,9 @@ class Retrainer:
             step = 0
             self.training.history["heldout"].append([0, self.heldout_loss()])
         self.train(step)
+        return_freed_memory()  # the steps' freed tensors, before the merge and the writer's peak
         verdict = self.merge_if_not_worse()
+        return_freed_memory()
         report = final_report(config, verdict, self.training.history,
                               self.shapes, self.sparsity_before, sparsity_of(self.model, self.shapes),
                               trainable=self.trainable, model_parameters=self.model_parameters,
