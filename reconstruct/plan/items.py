@@ -24,7 +24,7 @@ def transient_bytes_per_weight(compute_bytes: int) -> int:
     """Per weight of the largest wrapped linear while its backward recomputes the effective weight:
     an fp32 matrix (the sum being formed, or the weight's gradient upcast and masked), the bool
     keep-mask computed from the weight's zeros, a matrix in the compute dtype (the sum's cast, or the
-    weight's gradient). Measured so on the CPU with a stand-in for the design target's function."""
+    weight's gradient). Measured so on the CPU with a stand-in for corrections/effective.py."""
     return 4 + 1 + compute_bytes
 
 

@@ -135,8 +135,8 @@ class ModelShape:
         """What autograd keeps for backward, per token: (one block, outside the blocks).
 
         `compute_bytes` is the element size under autocast (2 for bf16/fp16 weights, 4 for fp32).
-        A wrapping correction's linear saves its input (the design target of issue 18: the effective
-        weight W + s·M⊙(BA) is recomputed in backward, its mask from the weight's zeros, so only the
+        A wrapping correction's linear saves its input (corrections/effective.py: the effective
+        weight W + s·M⊙(BA) is formed again in backward, its mask from the weight's zeros, so only the
         input is saved); a frozen linear saves nothing (its input gradient needs only its weight).
         With `norm` a norm's weight multiplies a saved normalised input."""
         c, parts = compute_bytes, params.split("+")
