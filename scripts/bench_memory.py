@@ -229,7 +229,7 @@ def retrain_runs(args, workdir: Path, model: Path, calib: Path, name: str) -> in
     print(f"checkpoint: {size / GIB:.2f} GiB ({size:,} bytes), 50 % pruned; {args.retrain_steps} step(s) of "
           f"1 x {args.retrain_seqlen} tokens on the CPU")
     print(f"{'run':28} {'wall s':>7} {'peak RSS':>10} {'/ ckpt':>7} {'plan':>10} {'plan/peak':>9}  plan's peak moment")
-    met = True
+    met = any(run.startswith("masklora ") for run in runs)  # the target is masklora's
     for run, r in runs.items():
         ratio, accuracy = r["peak"] / size, r["plan_host_peak"] / r["peak"]
         if run.startswith("masklora ") and ratio > args.retrain_target:
@@ -239,7 +239,8 @@ def retrain_runs(args, workdir: Path, model: Path, calib: Path, name: str) -> in
     (workdir / f"results-retrain-{name}.json").write_text(json.dumps(
         {"model": str(pruned), "checkpoint_bytes": size,
          "runs": {k: {**v, "series": v["series"][::10]} for k, v in runs.items()}}, indent=1))
-    print(f"target (masklora peak RSS <= {args.retrain_target} x the checkpoint): {'met' if met else 'MISSED'}")
+    print(f"target (masklora peak RSS <= {args.retrain_target} x the checkpoint): "
+          + ("met" if met else "MISSED" if any(run.startswith("masklora ") for run in runs) else "no masklora run"))
     return 0 if met else 1
 
 

@@ -140,3 +140,20 @@ def test_on_an_accelerator_the_options_name_fsdp():
     with pytest.raises(DoesNotFitError) as raised:
         plan_memory(settings_7b, adapter, None, torch.device("cuda"))
     assert "These would fit: --fsdp over 2 devices" in str(raised.value) and "--offload" not in str(raised.value)
+
+
+def test_on_the_cpu_adamw_temporaries_are_one_parameter_and_no_save_is_counted_without_saving():
+    """torch's AdamW loops over CPU tensors one at a time (foreach only on accelerators), and with
+    --save-every 0 no copy of the training state is ever made: the plan counts neither."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=1000)
+    base = dict(params="full", seqlen=64, batch_size=1, steps=1, eval_windows=1, device="cpu")
+    saving = estimate(config, PlanSettings(**base))
+    items = {item.name: item.bytes for item in saving.items}
+    assert items["AdamW step temporaries (one parameter at a time on the CPU)"] == 4 * 256 * 688
+    assert "the training state's copy, to save" in items
+    not_saving = estimate(config, PlanSettings(**base, saves_state=False))
+    assert "the training state's copy, to save" not in {item.name for item in not_saving.items}
+    assert not_saving.host_peak_bytes < saving.host_peak_bytes

@@ -71,7 +71,12 @@ def device_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype:
             (LOSS, LAST_BLOCK, FIRST_BLOCK, STEP) if accumulating else (FIRST_BLOCK, STEP),
             f"{quantity(total)} × 4 B{divided}" + (", kept between the passes of a step" if accumulating else ""))
         add("AdamW moments (fp32, two)", 8 * total / shards, DEVICE_MOMENTS, f"{quantity(total)} × 8 B{divided}")
-        add("AdamW step temporaries (foreach)", 4 * total / shards, (STEP,), f"{quantity(total)} × 4 B{divided}")
+        if s.device == "cpu":  # torch's AdamW runs its for-loop on CPU tensors (foreach on accelerators)
+            largest = shape.largest_trainable(s.params, s.rank)
+            add("AdamW step temporaries (one parameter at a time on the CPU)", 4 * largest, (STEP,),
+                f"{quantity(largest)} × 4 B, the largest parameter")
+        else:
+            add("AdamW step temporaries (foreach)", 4 * total / shards, (STEP,), f"{quantity(total)} × 4 B{divided}")
     if s.sharded:
         add("a block's gradients before reduce-scatter", 4 * per_block, (LAST_BLOCK, FIRST_BLOCK),
             f"{quantity(per_block)} × 4 B")
@@ -160,7 +165,8 @@ def host_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype: s
         add("frozen weights, read in place", shape.total_params * w, (LOADING, SAVING, WRITING),
             f"{quantity(shape.total_params)} × {w} B")
         add("trainable parameters and AdamW moments", 12 * total, (SAVING, WRITING), f"{quantity(total)} × 12 B")
-        add("the training state's copy, to save", save, (SAVING,), f"{quantity(total)} × 12 B")
+        if s.saves_state:
+            add("the training state's copy, to save", save, (SAVING,), f"{quantity(total)} × 12 B")
         return items
     offload = s.offload == "cpu"
     largest_load = max(shape.total_params, teacher.total_params if s.teacher else 0)
@@ -186,8 +192,9 @@ def host_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype: s
     if s.teacher and not offload and s.sharded:
         add("the teacher, read whole before moving to the device", teacher.total_params * w, (LOADING,),
             f"{quantity(teacher.total_params)} × {w} B (load_all)")
-    add("the training state's copy, to save (rank 0" + (", its shard)" if shards > 1 else ")"), save, (SAVING,),
-        f"{quantity(total)} × 12 B{divided}")
+    if s.saves_state:
+        add("the training state's copy, to save (rank 0" + (", its shard)" if shards > 1 else ")"), save, (SAVING,),
+            f"{quantity(total)} × 12 B{divided}")
     add("one merged block on its way to the writer", shape.block_params * w, (WRITING,),
         f"{quantity(shape.block_params)} × {w} B (design target: block by block)")
     return items

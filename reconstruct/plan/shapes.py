@@ -124,6 +124,20 @@ class ModelShape:
                 counts[part] = self.layers * self.prunable_per_block
         return counts
 
+    def largest_trainable(self, params: str, rank: int) -> int:
+        """Elements of the largest single trainable tensor of `--params`."""
+        sizes = []
+        for part in params.split("+"):
+            if part == "bias":
+                sizes.append(max(linear.out_features for linear in self.linears))
+            elif part == "norm":
+                sizes.append(max(self.hidden, 2 * self.head_dim if self.qk_norm else 0))
+            elif part in LOW_RANK:
+                sizes.append(rank * max(max(linear.in_features, linear.out_features) for linear in self.linears))
+            else:
+                sizes.append(self.largest_linear)
+        return max(sizes)
+
     def trainable_per_block(self, params: str, rank: int) -> int:
         """The trainable parameters that live inside one block (FSDP gathers them with it)."""
         counts = self.trainable_params(params, rank)

@@ -52,6 +52,7 @@ def plan_settings(config: RetrainConfig, adapter: ModelAdapter, teacher: ModelAd
         teacher_config=None if teacher is None else teacher.model.config,
         teacher_on_device=(config.teacher_device or config.device) == config.device,
         kl_chunk_tokens=KL_CHUNK_TOKENS, steps=config.steps, eval_windows=config.eval_windows,
+        saves_state=config.save_every > 0,
         device="cpu" if device.type == "cpu" else "cuda")
 
 
