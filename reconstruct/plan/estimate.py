@@ -15,14 +15,14 @@ What is counted follows the code of retrain.py, corrections/ and distributed.py 
 weights' half precision, fp32 trainable parameters, FSDP2 sharding parameters, gradients and optimiser
 state; keep-masks that cost nothing, computed as `weight != 0` where they are used; one linear's
 effective weight at a time, formed again in its backward pass (corrections/effective.py); the KL
-term of distillation in chunks of `kl_chunk_tokens` tokens), except where issue 18 sets a design
+term of distillation in chunks of `kl_chunk_tokens` tokens; the gradients of several processes
+without FSDP all-reduced in fp32 buckets, distributed.sum_gradients), except where issue 18 sets a design
 target that the code does not meet yet; those places are:
 
   - `--offload cpu`: FSDP2's CPUOffloadPolicy (parameters, gradients and AdamW on the host, the
     step on the CPU), on one process or many; `--offload` does not exist yet.
-  - under FSDP each rank reads only its own shards; the gradients of several processes without FSDP
-    are all-reduced in fp32 buckets (today one fp64 copy of all of them); the training state is saved
-    by rank 0 (sharded under FSDP), not gathered on every rank's host.
+  - under FSDP each rank reads only its own shards; the training state is saved by rank 0 (sharded
+    under FSDP), not gathered on every rank's host.
 
 The loss is counted as the code computes it today (a whole fp32 log-softmax of the micro-batch), and
 retrain.train_step holds the logits until backward ends.

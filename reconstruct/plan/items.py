@@ -12,7 +12,7 @@ from .settings import (DEVICE_MOMENTS, DTYPE_BYTES, FIRST_BLOCK, FORWARD_BACKWAR
 from .shapes import WRAPPING, ModelShape
 
 GATHERED_BLOCKS = 2          # FSDP2 gathers the block it computes and prefetches the next one
-ALL_REDUCE_BUCKET = 2**26    # fp32 gradients all-reduced this many bytes at a time (design target)
+ALL_REDUCE_BUCKET = 2**26    # fp32 gradients all-reduced this many bytes at a time (distributed.py)
 KL_TEMPORARIES = 4           # fp32 [chunk × vocabulary] tensors of one KL chunk: both log-softmaxes,
                              # the pointwise KL, the student's gradient
 # Host memory of the process itself: Python, torch and transformers, measured on the CPU
