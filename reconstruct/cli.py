@@ -132,8 +132,10 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--steps", type=int, default=d.steps, help="optimisation steps (default: %(default)s)")
     loop.add_argument("--batch-size", type=int, default=d.batch_size,
                       help="windows per optimisation step (default: %(default)s)")
-    loop.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                      help="split each batch into this many forward/backward passes (default: %(default)s)")
+    loop.add_argument("--grad-accum", type=int, default=None,
+                      help="split each batch into this many forward/backward passes; the result is the "
+                      "same, up to float rounding (default: chosen by the memory plan: the fewest passes "
+                      "that fit --max-memory)")
     loop.add_argument("--lr", type=float, default=None,
                       help="AdamW learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in
                                                                         RETRAIN_DEFAULT_LR.items()) + ")")
@@ -146,8 +148,9 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--alpha", type=float, default=d.alpha,
                       help="LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank, as "
                       "in prune; 32 at the default rank)")
-    loop.add_argument("--gradient-checkpointing", action="store_true",
-                      help="recompute activations in the backward pass: less memory, about a third slower")
+    loop.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                      help="recompute activations in the backward pass: less memory, about a third slower "
+                      "(default: on only if the memory plan needs it to fit --max-memory)")
     loop.add_argument("--eval-every", type=int, default=d.eval_every,
                       help="held-out loss every this many steps (default: %(default)s)")
     loop.add_argument("--eval-windows", type=int, default=d.eval_windows,
@@ -166,6 +169,13 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the weights across the processes (FSDP2) instead of a whole "
                      "copy on each device, for a model that does not fit one; slower (docs/distributed.md)")
+    run.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                     help="memory per process the run must fit (10%% of it is kept for the allocator); "
+                     "the memory plan chooses --grad-accum and --gradient-checkpointing, where not given, "
+                     "to fit it (default: the device's free memory; on the CPU, the host's available memory)")
+    run.add_argument("--plan", action="store_true",
+                     help="print the memory plan (what each item of the run needs, the peak, the settings "
+                     "chosen) and exit, without reading any weight")
     run.add_argument("--save-every", type=int, default=d.save_every,
                      help="save a resumable training state every this many steps; 0: never (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
@@ -261,8 +271,19 @@ def run_prune(args, startup_s: float = 0.0) -> int:
 
 
 def run_retrain(args) -> int:
-    from .api import retrain
+    from .api import plan_retrain, retrain
 
+    if args.plan:
+        from .plan import DoesNotFitError
+
+        try:
+            plan = plan_retrain(args.model, args.out, **_settings(args, RetrainConfig))
+        except DoesNotFitError as error:  # the smallest plan, then the error and what would fit
+            print(error.smallest.render() + "\n")
+            raise
+        if distributed.is_main():
+            print(plan.render())
+        return 0
     report = retrain(args.model, args.out, invocation=args.invocation, **_settings(args, RetrainConfig))
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all
         return 0

@@ -180,7 +180,7 @@ class RetrainConfig:
     text_field: str = "text"
     steps: int = 1000
     batch_size: int = 8                  # windows per optimisation step
-    grad_accum: int = 1                  # the batch is split into this many forward/backward passes
+    grad_accum: int | None = None        # the batch is split into this many passes; None: the memory plan's
     seqlen: int = 2048
     lr: float | None = None              # default: RETRAIN_DEFAULT_LR[params]
     weight_decay: float = 0.0
@@ -191,7 +191,7 @@ class RetrainConfig:
     device: str = field(default_factory=default_device)
     dtype: str | None = None             # bf16 | fp16 | fp32 for the frozen weights; None = the checkpoint's
     tokenizer: str | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on only if the memory plan needs it
     fsdp: bool = False                   # under torchrun: shard the weights across ranks (FSDP2)
     eval_every: int = 100                # held-out loss every this many steps (and at start and end)
     eval_windows: int = 16               # validation windows, from documents never trained on
@@ -200,6 +200,7 @@ class RetrainConfig:
     distill: float = 1.0                 # weight of the KL term
     teacher_device: str | None = None    # default: the student's device
     allow_dense: bool = False            # retrain a checkpoint that has no zeros in its linears
+    max_memory: float | None = None      # GB per rank the memory plan must fit; None: what is free
     overwrite: bool = False
     resume: bool = False
     cache_dir: str | None = None
@@ -214,7 +215,8 @@ class RetrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum
+        """Windows per forward/backward pass (one pass of the batch until the plan has chosen)."""
+        return self.batch_size // (self.grad_accum or 1)
 
     @property
     def lora_alpha(self) -> float:
@@ -222,8 +224,11 @@ class RetrainConfig:
 
     def fingerprint(self) -> str:
         """A hash of every setting that changes the output; a resumed run must match it."""
-        # --fsdp changes float rounding only (as the number of ranks does) and saves the same state
-        ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every", "fsdp"}
+        # --fsdp, the passes per step (--grad-accum: the batch is global) and checkpointing change
+        # float rounding only, as the number of ranks does, and save the same state; the memory
+        # plan may choose them differently on another machine
+        ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every", "fsdp",
+                   "grad_accum", "gradient_checkpointing", "max_memory"}
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         # The alpha in effect: a run started when the default was a fixed 32.0 (rank 16) resumes
         relevant["alpha"] = self.lora_alpha
@@ -233,9 +238,12 @@ class RetrainConfig:
         if self.params not in RETRAIN_PARAMS:
             raise ConfigError(f"unknown --params {self.params!r}; choose from {', '.join(RETRAIN_PARAMS)}")
         for name in ("steps", "batch_size", "grad_accum", "seqlen", "rank", "eval_every", "eval_windows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
+        if self.max_memory is not None and not self.max_memory > 0:
+            raise ConfigError(f"--max-memory must be a positive number of GB, not {self.max_memory}; "
+                              "leave it out to plan for the memory that is free")
+        if self.grad_accum is not None and self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum "
                               f"{self.grad_accum}: each of the {self.grad_accum} passes needs the same "
                               "number of windows")

@@ -14,7 +14,7 @@ single-process algorithm with a few marked points where ranks meet:
     all_reduce_sum(tensor, what)         in place; callers pass fp64 where bitwise results matter
     all_reduce_max(tensor, what)
     sum_floats(values, what)             Python floats summed across ranks in fp64
-    sum_gradients(parameters, scalars)   one flat fp64 buffer per optimisation step
+    sum_gradients(parameters, scalars)   fp32 buckets of 64 MiB per optimisation step
     broadcast_object(value, what)        rank 0's value on every rank
     owners(costs) / broadcast_(t, src)   share out pieces of work; send each result from its owner
     on_main(fn, what)                    rank 0 alone runs fn (writes, locks); its result or its
@@ -179,24 +179,54 @@ def sum_floats(values: list[float], what: str) -> list[float]:
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64), what).tolist()
 
 
+# Gradients are summed this many bytes at a time (the memory plan's ALL_REDUCE_BUCKET)
+GRADIENT_BUCKET_BYTES = 2**26
+
+
+def _gradient_buckets(parameters: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """Consecutive parameters in groups of at most GRADIENT_BUCKET_BYTES of fp32 (a larger one alone)."""
+    buckets, current, size = [], [], 0
+    for parameter in parameters:
+        if current and size + 4 * parameter.numel() > GRADIENT_BUCKET_BYTES:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(parameter)
+        size += 4 * parameter.numel()
+    return buckets + ([current] if current else [])
+
+
 def sum_gradients(parameters: list[torch.nn.Parameter], scalars: list[float]) -> list[float]:
-    """Sum the parameters' gradients and a few scalars over ranks with one collective on one flat
-    fp64 buffer (fp64: two fp32 summands add exactly, so two ranks round like one); return the summed
-    scalars. A parameter without a gradient on this rank (no calibration window of the batch is
-    here) contributes zeros."""
+    """Sum the parameters' gradients over ranks, in fp32 buckets of at most GRADIENT_BUCKET_BYTES,
+    and a few scalars in fp64; return the summed scalars. A parameter without a gradient on this rank
+    (no window of the batch is here) contributes zeros.
+
+    fp32, not fp64: two ranks' fp32 gradients summed once round as one rank's accumulation of the
+    same two passes does, and a whole fp64 copy of every gradient (16 bytes per weight with the
+    concatenation, for `--params full`) is what made several processes need more memory than one."""
     if world_size() == 1:
         return list(scalars)
     device = _communication_device()
-    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, torch.float64)
-              for p in parameters]
-    flat = torch.cat(pieces + [torch.tensor(scalars, dtype=torch.float64, device=device)])
-    _collective("summing gradients", lambda: dist.all_reduce(flat))
-    offset = 0
-    for parameter in parameters:
-        summed = flat[offset:offset + parameter.numel()].view_as(parameter).to(parameter.dtype)
-        parameter.grad = summed.to(parameter.device)
-        offset += parameter.numel()
-    return flat[offset:].tolist()
+    for bucket in _gradient_buckets(parameters):
+        flat = torch.empty(sum(p.numel() for p in bucket), dtype=torch.float32, device=device)
+        offset = 0
+        for parameter in bucket:
+            part = flat[offset:offset + parameter.numel()]
+            if parameter.grad is None:
+                part.zero_()
+            else:
+                part.copy_(parameter.grad.reshape(-1))
+            offset += parameter.numel()
+        _collective("summing gradients", lambda: dist.all_reduce(flat))
+        offset = 0
+        for parameter in bucket:
+            summed = flat[offset:offset + parameter.numel()].view_as(parameter)
+            if parameter.grad is None:
+                parameter.grad = summed.to(parameter.device, parameter.dtype, copy=True)
+            else:
+                parameter.grad.copy_(summed)
+            offset += parameter.numel()
+        del flat
+    return sum_floats(scalars, "summing the loss")
 
 
 def broadcast_object(value: T, what: str) -> T:

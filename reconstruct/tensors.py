@@ -1,5 +1,5 @@
 """The zero and mask helpers both commands use: zeroing a weight outside its mask, counting its zeros,
-and making a mask of a weight's zeros again after a correction was merged.
+and making a weight's zeros its mask again after a correction was merged.
 
 Masks are boolean with True = weight kept (the convention of MaskLoRA's M). Floating-point weights
 are zeroed and counted through their bits, seen as integers of the same width: faster than the
@@ -8,7 +8,6 @@ float operations, and exact about +0.0 and −0.0.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 ROW_CHUNK_ELEMENTS = 2**18              # scores are computed for about this many weights at a time
 ACCELERATOR_ROW_CHUNK_ELEMENTS = 2**24  # on an accelerator (device memory is not the host's limit)
@@ -54,36 +53,27 @@ def zero_count(weight: torch.Tensor) -> int:
     return weight.numel() - nonzero
 
 
-def masks_from_zeros(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """Keep-masks (True = non-zero) of these linears, by the same names: a pruned checkpoint's zeros
-    are its mask, found per tensor (no assumption about which layers were pruned)."""
-    return {name: linear.weight.detach() != 0 for name, linear in linears.items()}
-
-
 def smallest_subnormal(dtype: torch.dtype) -> float:
     """The dtype's smallest positive number: the subnormal whose bits are the integer 1 (5.96e-8 in
     fp16, 9.2e-41 in bf16, 1.4e-45 in fp32). `torch.finfo` gives the smallest normal only."""
     return float(torch.ones((), dtype=_SAME_WIDTH_INTEGER[torch.finfo(dtype).bits // 8]).view(dtype))
 
 
-def restore_exact_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    """Make each masked linear's zero set exactly its mask, with +0.0 (never −0.0) at pruned entries.
+def restore_exact_zeros_(weight: torch.Tensor, keep: torch.Tensor) -> int:
+    """Make `weight`'s zero set exactly `keep`'s complement, in place, with +0.0 (never −0.0) at
+    pruned entries: what a merged correction is written as.
 
     A kept weight that a correction moved to exactly zero (its storage dtype rounds the sum to 0) is
     set to the dtype's smallest subnormal, of the sign the sum had, so that the zero set stays the
     mask while the weight moves as little as the dtype allows (the smallest normal, 6.1e-5 in fp16,
     is a thousand times further). Rounding to nearest keeps the sign (a small negative sum becomes
     −0.0), so the zero's own sign bit is the sign of the value before rounding. Returns how many."""
-    rounded = 0
     with torch.no_grad():
-        for name, mask in masks.items():
-            weight = model.get_submodule(name).weight
-            keep_only(weight, mask)
-            lost = mask & (weight == 0)
-            count = int(lost.sum())
-            if count:  # rare; the where() below is not run for nothing
-                smallest = smallest_subnormal(weight.dtype)
-                signed = torch.where(torch.signbit(weight), -smallest, smallest).to(weight.dtype)
-                weight.copy_(torch.where(lost, signed, weight))
-                rounded += count
-    return rounded
+        keep_only(weight, keep)
+        lost = keep & (weight == 0)
+        count = int(lost.sum())
+        if count:  # rare; the where() below is not run for nothing
+            smallest = smallest_subnormal(weight.dtype)
+            signed = torch.where(torch.signbit(weight), -smallest, smallest).to(weight.dtype)
+            weight.copy_(torch.where(lost, signed, weight))
+    return count

@@ -23,6 +23,17 @@
 Memory does not grow with depth (one block at a time), so the peak of a wide model can be measured
 on a few of its blocks: `--layers 4 --full-layers 16` measures 4 blocks and also states the ratio
 for the 16-block checkpoint.
+
+`--mode retrain` measures `reconstruct retrain` instead, which holds the whole model:
+
+    python scripts/bench_memory.py --mode retrain                       # masklora, 1 step of 1 x 256 tokens
+    python scripts/bench_memory.py --mode retrain --params masklora,norm,full --checkpointing off,on
+
+The model is magnitude-pruned to 50 % once (`reconstruct prune --correction none`, kept in WORKDIR),
+then each run retrains it for --retrain-steps steps of one window of --retrain-seqlen tokens on the
+CPU (one held-out window, no training state saved) in a child process, sampled as above. Prints, per
+run, the peak RSS against the checkpoint's size (target for masklora <= --retrain-target, 1.5) and
+against the memory plan's estimate of the host's peak (report.json's memory_plan; target within 15 %).
 """
 from __future__ import annotations
 
@@ -176,8 +187,67 @@ def prune_command(model: Path, out: Path, calib: Path, cache: Path, args, correc
             "--batch-size", str(batch_size), "--device", "cpu", "--overwrite", "--cache-dir", str(cache)]
 
 
+def prune_for_retraining(model: Path, workdir: Path, calib: Path, name: str) -> Path:
+    """The model magnitude-pruned to 50 % (no correction), made once."""
+    out = workdir / f"pruned-{name}"
+    if not (out / "report.json").exists():
+        command = [sys.executable, "-m", "reconstruct", "prune", str(model), "--out", str(out), "--method",
+                   "magnitude", "--sparsity", "0.5", "--correction", "none", "--calib", str(calib),
+                   "--nsamples", "2", "--seqlen", "128", "--batch-size", "1", "--device", "cpu",
+                   "--error-windows", "0", "--overwrite", "--cache-dir", str(workdir / "cache")]
+        print(f"pruning once: {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+    return out
+
+
+def retrain_runs(args, workdir: Path, model: Path, calib: Path, name: str) -> int:
+    pruned = prune_for_retraining(model, workdir, calib, name)
+    size = checkpoint_bytes(pruned)
+    runs = {}
+    for params in args.params.split(","):
+        for checkpointing in args.checkpointing.split(","):
+            run = f"{params} checkpointing {checkpointing}"
+            out = workdir / f"retrained-{name}-{params}-{checkpointing}"
+            command = [sys.executable, "-m", "reconstruct", "retrain", str(pruned), "--out", str(out),
+                       "--params", params, "--steps", str(args.retrain_steps), "--batch-size", "1",
+                       "--grad-accum", "1", "--seqlen", str(args.retrain_seqlen), "--eval-windows", "1",
+                       "--save-every", "0", "--data", str(calib), "--device", "cpu", "--overwrite",
+                       "--cache-dir", str(workdir / "cache"),
+                       "--gradient-checkpointing" if checkpointing == "on" else "--no-gradient-checkpointing"]
+            print(f"running: {' '.join(command)}", flush=True)
+            result = measure(command, workdir / f"log-retrain-{name}-{params}-{checkpointing}.txt")
+            report = json.loads((out / "report.json").read_text())
+            plan = report["memory_plan"]
+            result.update(command=" ".join(command), peak_rss_self=report["totals"]["peak_host_rss_bytes"],
+                          plan_host_peak=plan["host_peak_bytes"], plan_host_moment=plan["host_peak_moment"],
+                          plan_host_moments=plan["host_moments"])
+            result["peak"] = max(result["peak_rss_sampled"], result["peak_rss_self"])
+            peak_at = max(result["series"], key=lambda point: point[1])[0] if result["series"] else None
+            result["peak_at_s"] = peak_at
+            runs[run] = result
+    print()
+    print(f"checkpoint: {size / GIB:.2f} GiB ({size:,} bytes), 50 % pruned; {args.retrain_steps} step(s) of "
+          f"1 x {args.retrain_seqlen} tokens on the CPU")
+    print(f"{'run':28} {'wall s':>7} {'peak RSS':>10} {'/ ckpt':>7} {'plan':>10} {'plan/peak':>9}  plan's peak moment")
+    met = any(run.startswith("masklora ") for run in runs)  # the target is masklora's
+    for run, r in runs.items():
+        ratio, accuracy = r["peak"] / size, r["plan_host_peak"] / r["peak"]
+        if run.startswith("masklora ") and ratio > args.retrain_target:
+            met = False
+        print(f"{run:28} {r['wall_s']:7.1f} {r['peak'] / GIB:6.2f} GiB {ratio:7.2f} {r['plan_host_peak'] / GIB:6.2f} GiB "
+              f"{accuracy:9.2f}  {r['plan_host_moment']}")
+    (workdir / f"results-retrain-{name}.json").write_text(json.dumps(
+        {"model": str(pruned), "checkpoint_bytes": size,
+         "runs": {k: {**v, "series": v["series"][::10]} for k, v in runs.items()}}, indent=1))
+    print(f"target (masklora peak RSS <= {args.retrain_target} x the checkpoint): "
+          + ("met" if met else "MISSED" if any(run.startswith("masklora ") for run in runs) else "no masklora run"))
+    return 0 if met else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["prune", "retrain"], default="prune",
+                        help="measure `reconstruct prune` (default) or `reconstruct retrain`")
     parser.add_argument("--workdir", default="/tmp/reconstruct-bench", help="model cache and outputs")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=128)
@@ -187,6 +257,13 @@ def main(argv=None) -> int:
     parser.add_argument("--masklora-steps", type=int, default=0,
                         help="also run with a MaskLoRA correction fitted this many steps (0: skip)")
     parser.add_argument("--target", type=float, default=0.30, help="peak RSS / checkpoint size to meet")
+    retraining = parser.add_argument_group("--mode retrain")
+    retraining.add_argument("--params", default="masklora", help="comma-separated --params values")
+    retraining.add_argument("--checkpointing", default="off", help="comma-separated: off, on")
+    retraining.add_argument("--retrain-steps", type=int, default=1)
+    retraining.add_argument("--retrain-seqlen", type=int, default=256)
+    retraining.add_argument("--retrain-target", type=float, default=1.5,
+                            help="masklora's peak RSS / checkpoint size to meet")
     shape = parser.add_argument_group("model shape (default: the ~1B model above)")
     shape.add_argument("--hidden", type=int, default=MODEL["hidden_size"])
     shape.add_argument("--intermediate", type=int, default=MODEL["intermediate_size"])
@@ -208,6 +285,8 @@ def main(argv=None) -> int:
     print(f"model in {workdir / name} (generated once)", flush=True)
     model = make_model(workdir / name, **shape)
     calib = write_sample_text(workdir / "calib.txt")
+    if args.mode == "retrain":
+        return retrain_runs(args, workdir, model, calib, name)
     size = checkpoint_bytes(model)
     base = baseline_rss(model)
 

@@ -383,3 +383,16 @@ def test_retrain_fsdp_on_two_ranks_gives_the_one_rank_model_and_resumes(setup, r
     assert len(report["loss_curve"]["loss"]) == 40
     largest = compare_to_one_rank(out, one, f"retrain --fsdp, 2 ranks (stopped at step {stopped_at}) vs 1")
     assert largest < 1e-5  # float rounding only
+
+
+def test_gradients_are_summed_in_buckets_of_bounded_size(monkeypatch):
+    """sum_gradients never copies every gradient at once: consecutive parameters in fp32 buckets of
+    at most GRADIENT_BUCKET_BYTES, a larger parameter alone, the order kept."""
+    from reconstruct import distributed
+
+    monkeypatch.setattr(distributed, "GRADIENT_BUCKET_BYTES", 64)
+    sizes = [4, 8, 30, 2, 2, 16, 1]
+    parameters = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    buckets = distributed._gradient_buckets(parameters)
+    assert [[p.numel() for p in bucket] for bucket in buckets] == [[4, 8], [30], [2, 2], [16], [1]]
+    assert all(4 * sum(p.numel() for p in b) <= 64 for b in buckets if len(b) > 1)

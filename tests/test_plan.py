@@ -428,6 +428,4 @@ def test_a_model_type_of_another_form_is_read_as_llama_and_the_plan_says_so():
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300)
     notes = estimate(config, settings(seqlen=64)).notes
     assert "model_type 'gemma2' read as a LLaMA-like decoder" in notes
-    assert estimate(llama2_7b(), settings()).notes == [
-        "keep-masks cost nothing and one linear's effective weight is formed at a time (issue 18's design target; "
-        "today's code holds a bool mask per linear and every effective weight for backward)"]
+    assert estimate(llama2_7b(), settings()).notes == []

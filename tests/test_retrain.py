@@ -26,7 +26,6 @@ from reconstruct.checkpoint import CheckpointError
 from reconstruct.models import UnsupportedModelError, open_model
 from reconstruct.retraining import TrainingError
 from reconstruct.retraining.inputs import prunable_linears_by_name
-from reconstruct.tensors import masks_from_zeros
 
 SEQLEN = 32
 
@@ -107,8 +106,7 @@ def test_merged_model_computes_what_the_trained_one_did(pruned_models):
     for params in [p for p in RETRAIN_PARAMS if p != "lora-prune"]:
         adapter = open_model(pruned_models["opt"][1])
         model = adapter.load_all()
-        masks = masks_from_zeros(prunable_linears_by_name(adapter))
-        attachment = make_correction(params).attach(model, masks, CorrectionOptions(rank=4),
+        attachment = make_correction(params).attach(model, prunable_linears_by_name(adapter), CorrectionOptions(rank=4),
                                                     torch.Generator().manual_seed(0))
         with torch.no_grad():
             for parameter in attachment.trainable:  # away from the identity initialisation

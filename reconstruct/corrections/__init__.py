@@ -1,4 +1,4 @@
-"""Corrections behind one interface: `make_correction("masklora+norm").attach(unit, masks, ...)`.
+"""Corrections behind one interface: `make_correction("masklora+norm").attach(unit, pruned, ...)`.
 
 Adding a correction: a new file here with a `Correction` subclass (its `name` is the command line's
 `--correction`), and its class in the list below; the list is written out rather than filled by a
@@ -25,8 +25,9 @@ class Combined(Correction):
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
 
-    def attach(self, unit, masks, options, generator):
-        return combine([part.attach(unit, masks, options, generator) for part in self.parts])
+    def attach(self, unit, pruned, options, generator):
+        pruned = list(pruned)
+        return combine([part.attach(unit, pruned, options, generator) for part in self.parts])
 
 
 def choices() -> list[str]:

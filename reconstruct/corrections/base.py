@@ -14,11 +14,15 @@ them through `CorrectionOptions.parameter_access`; the default is plain paramete
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..tensors import restore_exact_zeros_
+from .effective import EffectiveWeight, effective_linear, keep_mask
 
 
 class CorrectionError(ValueError):
@@ -61,9 +65,10 @@ class Attachment:
         self.trainable = trainable
         self._merge, self._discard, self._merged_view = merge, discard, merged_view
 
-    def merge(self) -> None:
-        """Fold the correction into the unit's weights, in their storage dtype."""
-        self._merge()
+    def merge(self) -> int:
+        """Fold the correction into the unit's weights, in their storage dtype. Returns how many kept
+        weights rounded to exactly zero there (set to the smallest normal number instead)."""
+        return self._merge()
 
     def discard(self) -> None:
         """Remove the correction: the unit is exactly as it was before `attach`."""
@@ -77,46 +82,69 @@ class Attachment:
 class Correction:
     name: str = ""
 
-    def attach(self, unit: nn.Module, masks: dict[str, torch.Tensor], options: CorrectionOptions,
+    def attach(self, unit: nn.Module, pruned: Iterable[str], options: CorrectionOptions,
                generator: torch.Generator) -> Attachment:
-        """Make `unit` trainable this correction's way. `masks` maps names of pruned linears inside
-        `unit` (relative to it) to their keep-masks."""
+        """Make `unit` trainable this correction's way. `pruned` names the pruned linears inside
+        `unit` (relative to it; a dict of their masks may be given, only its keys are read): their
+        keep-masks are their weights' non-zeros."""
         raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------------
 class LinearWrapper(nn.Module):
-    """A pruned linear plus fp32 low-rank factors; subclasses say how they combine and merge."""
+    """A pruned linear plus trainable tensors; subclasses say how they form the effective weight.
 
-    def __init__(self, base: nn.Linear, mask: torch.Tensor):
+    No keep-mask is held: the mask is the frozen weight's non-zeros, computed where it is used
+    (effective.keep_mask), and training goes through effective.EffectiveLinear, which keeps for the
+    backward pass only the input and the tensors the effective weight is made from."""
+
+    recipe: EffectiveWeight
+
+    def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
-        self.register_buffer("mask", mask.to(base.weight.device), persistent=False)
         self.as_merged = False  # compute with the weight merge() would write (for the guard)
 
-    def effective_weight(self) -> torch.Tensor:
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the effective weight is made from, as `self.recipe` takes them."""
         raise NotImplementedError
 
     def merged_weight(self) -> torch.Tensor:
-        return self.effective_weight()
+        """The weight merge() writes, before rounding to the storage dtype (no gradient)."""
+        with torch.no_grad():
+            return self.recipe.form(self.tensors(), self.tensors()[-1].dtype)
 
     def written_weight(self) -> torch.Tensor:
-        """The weight `merge()` writes, in the storage dtype. Computed with autocast off, wherever it
-        is called from: under bf16 autocast B·A would be rounded to bf16 before the sum (outputs up
-        to 0.008 apart on a bf16 linear), and the guard, which judges inside autocast, would judge
-        other weights than the ones written."""
-        with torch.autocast(device_type=self.base.weight.device.type, enabled=False):
-            return self.merged_weight().to(self.base.weight.dtype)
+        """The weight `merge()` writes, exactly: in the storage dtype, pruned entries +0.0, a kept
+        weight rounded to zero made the smallest subnormal. The never-worse guard judges the model
+        through this (`as_merged`), so it judges the weights that are written."""
+        return self._written()[0]
+
+    def _written(self) -> tuple[torch.Tensor, int]:
+        # Autocast off wherever this is called from: under bf16 autocast B·A would be rounded to bf16
+        # before the sum (outputs up to 0.008 apart on a bf16 linear). The keep-mask is the frozen
+        # weight's zeros, read before merge() overwrites it.
+        weight = self.base.weight
+        with torch.no_grad(), torch.autocast(device_type=weight.device.type, enabled=False):
+            written = self.merged_weight().to(weight.dtype)
+            rounded = restore_exact_zeros_(written, keep_mask(weight))
+        return written, rounded
 
     def forward(self, x):
-        weight = self.written_weight() if self.as_merged else self.effective_weight()
-        return nn.functional.linear(x, weight.to(x.dtype),
-                                    None if self.base.bias is None else self.base.bias.to(x.dtype))
+        bias = self.base.bias
+        if self.as_merged:
+            weight = self.written_weight().to(x.dtype)
+            return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        return effective_linear(x, bias, self.recipe, *self.tensors())
 
-    def merge(self) -> nn.Linear:
+    def merge(self) -> tuple[nn.Linear, int]:
+        """Write the merged weight into the base linear, in its storage dtype; return it and how many
+        kept weights rounded to exactly zero (set to the dtype's smallest subnormal instead, so
+        that the zero set stays the mask). Pruned entries are +0.0 whatever the correction computed."""
         with torch.no_grad():
-            self.base.weight.copy_(self.written_weight())
-        return self.base
+            weight, rounded = self._written()
+            self.base.weight.copy_(weight)
+        return self.base, rounded
 
 
 def low_rank_factors(out_features: int, in_features: int, rank: int, device, generator):
@@ -135,19 +163,23 @@ def kaiming_uniform_(tensor: torch.Tensor, generator: torch.Generator) -> None:
         tensor.copy_(values.to(tensor.device))
 
 
-def wrap_linears(unit: nn.Module, masks: dict[str, torch.Tensor], make_wrapper) -> Attachment:
-    """Replace each masked linear of `unit` by `make_wrapper(linear, mask)`; merging swaps back."""
+def wrap_linears(unit: nn.Module, pruned: Iterable[str], make_wrapper) -> Attachment:
+    """Replace each pruned linear of `unit` (by name) by `make_wrapper(linear)`; merging swaps back."""
     wrappers = {}
-    for name, mask in masks.items():
+    for name in pruned:
         parent_name, _, child = name.rpartition(".")
         parent = unit.get_submodule(parent_name) if parent_name else unit
-        wrapper = make_wrapper(getattr(parent, child), mask)
+        wrapper = make_wrapper(getattr(parent, child))
         setattr(parent, child, wrapper)
         wrappers[name] = (parent, child, wrapper)
 
     def merge():
+        rounded = 0
         for parent, child, wrapper in wrappers.values():
-            setattr(parent, child, wrapper.merge())
+            linear, count = wrapper.merge()
+            setattr(parent, child, linear)
+            rounded += count
+        return rounded
 
     def discard():
         for parent, child, wrapper in wrappers.values():
@@ -183,6 +215,7 @@ def train_in_fp32(parameters: list[tuple[nn.Module, str]], access: ParameterAcce
     def merge():
         for module, leaf, original in originals:
             setattr(module, leaf, frozen_copy(getattr(module, leaf), original.dtype))
+        return 0
 
     def discard():
         for module, leaf, original in originals:
@@ -200,8 +233,7 @@ def train_in_fp32(parameters: list[tuple[nn.Module, str]], access: ParameterAcce
 
 def combine(attachments: list[Attachment]) -> Attachment:
     def merge():
-        for attachment in attachments:
-            attachment.merge()
+        return sum(attachment.merge() for attachment in attachments)
 
     def discard():
         for attachment in reversed(attachments):

@@ -3,15 +3,18 @@
 The merged layer is (W + s·BA) ⊙ M, which differs from the layer that was fitted: the update's
 entries at pruned positions are thrown away. This is what MaskLoRA avoids.
 """
+import torch
+
+from .effective import DenseLowRank, keep_mask
 from .masklora import MaskLoRA, MaskLoRALinear
 
 
 class LoRAPruneLinear(MaskLoRALinear):
-    def effective_weight(self):
-        return (self.lora_B @ self.lora_A).float().mul_(self.scale).add_(self.base.weight)
+    recipe_class = DenseLowRank  # E = W + s·BA while fitting
 
     def merged_weight(self):
-        return self.effective_weight() * self.mask
+        with torch.no_grad():
+            return super().merged_weight().mul_(keep_mask(self.base.weight))
 
 
 class LoRAPrune(MaskLoRA):

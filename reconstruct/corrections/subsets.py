@@ -12,7 +12,7 @@ def is_norm(module: nn.Module) -> bool:
 class BiasOnly(Correction):
     name = "bias"
 
-    def attach(self, unit, masks, options, generator):
+    def attach(self, unit, pruned, options, generator):
         biases = [(m, "bias") for m in unit.modules() if isinstance(m, nn.Linear) and m.bias is not None]
         if not biases:
             # No flag named here: prune calls it --correction, retrain --params; each adds its own.
@@ -24,7 +24,7 @@ class BiasOnly(Correction):
 class NormOnly(Correction):
     name = "norm"
 
-    def attach(self, unit, masks, options, generator):
+    def attach(self, unit, pruned, options, generator):
         params = [(m, leaf) for m in unit.modules() if is_norm(m)
                   for leaf, p in m.named_parameters(recurse=False)]
         if not params:

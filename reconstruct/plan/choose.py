@@ -116,16 +116,17 @@ def first_fitting(model_config, settings: PlanSettings, max_memory_bytes: int) -
     return None
 
 
-def choose(model_config, settings: PlanSettings, max_memory_bytes: int) -> Plan:
+def choose(model_config, settings: PlanSettings, max_memory_bytes: int, offload_available: bool = True) -> Plan:
     """The plan that fits `max_memory_bytes` (per device; on the CPU, the host's memory), less
-    HEADROOM. Raises DoesNotFitError when none does."""
+    HEADROOM. Raises DoesNotFitError when none does; `offload_available` False leaves --offload cpu
+    out of the options it names (a command that has no such flag yet)."""
     settings.validate()
     plan = first_fitting(model_config, settings, max_memory_bytes)
     chosen = tuple(name for name in ("micro_batch", "gradient_checkpointing") if getattr(settings, name) is None)
     if plan is not None:
         return Plan(plan, max_memory_bytes, chosen)
     smallest = estimate(model_config, candidates(settings)[-1])
-    options = alternatives(model_config, settings, max_memory_bytes)
+    options = alternatives(model_config, settings, max_memory_bytes, offload_available)
     given = describe_given(settings)
     message = (f"--params {settings.params} needs {size(needed(smallest))} "
                f"{'per device' if settings.device == 'cuda' else 'of host memory'} at the least "
@@ -133,7 +134,8 @@ def choose(model_config, settings: PlanSettings, max_memory_bytes: int) -> Plan:
                f"{size(usable(max_memory_bytes))} usable of {size(max_memory_bytes)}"
                + (f"; {given} as given" if given else "") + ". ")
     message += ("These would fit: " + "; ".join(options) + "." if options
-                else "Nothing the planner knows of fits (--fsdp, --offload cpu, a smaller --seqlen).")
+                else "Nothing the planner knows of fits (--fsdp" + (", --offload cpu" if offload_available else "")
+                + ", a smaller --seqlen).")
     raise DoesNotFitError(message, smallest, options)
 
 
@@ -147,7 +149,8 @@ def describe_given(settings: PlanSettings) -> str:
     return " and ".join(given)
 
 
-def alternatives(model_config, settings: PlanSettings, max_memory_bytes: int) -> list[str]:
+def alternatives(model_config, settings: PlanSettings, max_memory_bytes: int,
+                 offload_available: bool = True) -> list[str]:
     """What would fit instead, each judged by the same estimator: the planner's own choice of the
     settings the user gave, then, with the user's settings kept, --fsdp over the fewest devices,
     --offload cpu, the longest smaller --seqlen."""
@@ -163,7 +166,7 @@ def alternatives(model_config, settings: PlanSettings, max_memory_bytes: int) ->
                 options.append(f"--fsdp over {devices} devices (torchrun --nproc_per_node {devices}; "
                                f"{size(plan.peak_bytes)} per device)")
                 break
-        if settings.offload is None and (
+        if offload_available and settings.offload is None and (
                 plan := first_fitting(model_config, dataclasses.replace(settings, offload="cpu"), max_memory_bytes)):
             options.append(f"--offload cpu ({size(plan.peak_bytes)} on the device, "
                            f"{size(plan.host_peak_bytes)} of host memory per rank)")

@@ -13,20 +13,16 @@ them, on the device (per rank) and on the host (per rank):
 
 What is counted follows the code of retrain.py, corrections/ and distributed.py (autocast to the
 weights' half precision, fp32 trainable parameters, FSDP2 sharding parameters, gradients and optimiser
-state), except where issue 18 sets a design target that the code does not meet yet; those places are:
+state; keep-masks that cost nothing, computed as `weight != 0` where they are used; one linear's
+effective weight at a time, formed again in its backward pass (corrections/effective.py); the KL
+term of distillation in chunks of `kl_chunk_tokens` tokens; the gradients of several processes
+without FSDP all-reduced in fp32 buckets, distributed.sum_gradients), except where issue 18 sets a design
+target that the code does not meet yet; those places are:
 
-  - keep-masks: nothing. The mask is computed where it is used (`weight != 0`); today each masked
-    linear holds a dense bool mask (1 byte per prunable weight, on the device).
-  - effective weights: one linear's, while its backward runs (`transient_bytes_per_weight`). Today
-    autograd keeps every wrapped linear's effective weight in the compute dtype (2 bytes per
-    prunable weight) for the backward pass.
-  - the KL term of distillation in chunks of `kl_chunk_tokens` tokens; today it makes two whole
-    [tokens × vocabulary] fp32 log-softmaxes.
   - `--offload cpu`: FSDP2's CPUOffloadPolicy (parameters, gradients and AdamW on the host, the
     step on the CPU), on one process or many; `--offload` does not exist yet.
-  - under FSDP each rank reads only its own shards; the gradients of several processes without FSDP
-    are all-reduced in fp32 buckets (today one fp64 copy of all of them); the training state is saved
-    by rank 0 (sharded under FSDP), not gathered on every rank's host.
+  - under FSDP each rank reads only its own shards; the training state is saved by rank 0 (sharded
+    under FSDP), not gathered on every rank's host.
 
 The loss is counted as the code computes it today (a whole fp32 log-softmax of the micro-batch), and
 retrain.train_step holds the logits until backward ends.
@@ -40,7 +36,7 @@ from dataclasses import dataclass, field
 from . import render
 from .items import device_items, host_items
 from .settings import DEVICE_MOMENTS, DTYPE_NAMES, HOST_MOMENTS, SHORT, MemoryItem, PlanSettings
-from .shapes import LOW_RANK, WRAPPING, ModelShape, model_shape
+from .shapes import LOW_RANK, ModelShape, model_shape
 
 
 @dataclass
@@ -142,10 +138,6 @@ def estimate(model_config, settings: PlanSettings) -> MemoryPlan:
     plan.items = device + host_items(shape, teacher, settings, dtype, trainable, plan.peak_bytes)
     if shape.assumption:
         plan.notes.append(shape.assumption)
-    if any(part in WRAPPING for part in settings.params.split("+")):
-        plan.notes.append("keep-masks cost nothing and one linear's effective weight is formed at a time "
-                          "(issue 18's design target; today's code holds a bool mask per linear and every "
-                          "effective weight for backward)")
     return plan
 
 

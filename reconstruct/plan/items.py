@@ -12,7 +12,7 @@ from .settings import (DEVICE_MOMENTS, DTYPE_BYTES, FIRST_BLOCK, FORWARD_BACKWAR
 from .shapes import WRAPPING, ModelShape
 
 GATHERED_BLOCKS = 2          # FSDP2 gathers the block it computes and prefetches the next one
-ALL_REDUCE_BUCKET = 2**26    # fp32 gradients all-reduced this many bytes at a time (design target)
+ALL_REDUCE_BUCKET = 2**26    # fp32 gradients all-reduced this many bytes at a time (distributed.py)
 KL_TEMPORARIES = 4           # fp32 [chunk × vocabulary] tensors of one KL chunk: both log-softmaxes,
                              # the pointwise KL, the student's gradient
 # Host memory of the process itself: Python, torch and transformers, measured on the CPU
@@ -24,7 +24,7 @@ def transient_bytes_per_weight(compute_bytes: int) -> int:
     """Per weight of the largest wrapped linear while its backward recomputes the effective weight:
     an fp32 matrix (the sum being formed, or the weight's gradient upcast and masked), the bool
     keep-mask computed from the weight's zeros, a matrix in the compute dtype (the sum's cast, or the
-    weight's gradient). Measured so on the CPU with a stand-in for the design target's function."""
+    weight's gradient). Measured so on the CPU with a stand-in for corrections/effective.py."""
     return 4 + 1 + compute_bytes
 
 
@@ -71,7 +71,12 @@ def device_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype:
             (LOSS, LAST_BLOCK, FIRST_BLOCK, STEP) if accumulating else (FIRST_BLOCK, STEP),
             f"{quantity(total)} × 4 B{divided}" + (", kept between the passes of a step" if accumulating else ""))
         add("AdamW moments (fp32, two)", 8 * total / shards, DEVICE_MOMENTS, f"{quantity(total)} × 8 B{divided}")
-        add("AdamW step temporaries (foreach)", 4 * total / shards, (STEP,), f"{quantity(total)} × 4 B{divided}")
+        if s.device == "cpu":  # torch's AdamW runs its for-loop on CPU tensors (foreach on accelerators)
+            largest = shape.largest_trainable(s.params, s.rank)
+            add("AdamW step temporaries (one parameter at a time on the CPU)", 4 * largest, (STEP,),
+                f"{quantity(largest)} × 4 B, the largest parameter")
+        else:
+            add("AdamW step temporaries (foreach)", 4 * total / shards, (STEP,), f"{quantity(total)} × 4 B{divided}")
     if s.sharded:
         add("a block's gradients before reduce-scatter", 4 * per_block, (LAST_BLOCK, FIRST_BLOCK),
             f"{quantity(per_block)} × 4 B")
@@ -160,7 +165,8 @@ def host_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype: s
         add("frozen weights, read in place", shape.total_params * w, (LOADING, SAVING, WRITING),
             f"{quantity(shape.total_params)} × {w} B")
         add("trainable parameters and AdamW moments", 12 * total, (SAVING, WRITING), f"{quantity(total)} × 12 B")
-        add("the training state's copy, to save", save, (SAVING,), f"{quantity(total)} × 12 B")
+        if s.saves_state:
+            add("the training state's copy, to save", save, (SAVING,), f"{quantity(total)} × 12 B")
         return items
     offload = s.offload == "cpu"
     largest_load = max(shape.total_params, teacher.total_params if s.teacher else 0)
@@ -186,8 +192,9 @@ def host_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype: s
     if s.teacher and not offload and s.sharded:
         add("the teacher, read whole before moving to the device", teacher.total_params * w, (LOADING,),
             f"{quantity(teacher.total_params)} × {w} B (load_all)")
-    add("the training state's copy, to save (rank 0" + (", its shard)" if shards > 1 else ")"), save, (SAVING,),
-        f"{quantity(total)} × 12 B{divided}")
+    if s.saves_state:
+        add("the training state's copy, to save (rank 0" + (", its shard)" if shards > 1 else ")"), save, (SAVING,),
+            f"{quantity(total)} × 12 B{divided}")
     add("one merged block on its way to the writer", shape.block_params * w, (WRITING,),
         f"{quantity(shape.block_params)} × {w} B (design target: block by block)")
     return items

@@ -55,6 +55,7 @@ class PlanSettings:
     kl_chunk_tokens: int = 1024
     steps: int = 1000
     eval_windows: int = 16
+    saves_state: bool = True         # False: --save-every 0, no training state is ever saved
     device: str = "cuda"             # "cuda" or "cpu" (then the host is the device)
 
     @property

@@ -124,6 +124,20 @@ class ModelShape:
                 counts[part] = self.layers * self.prunable_per_block
         return counts
 
+    def largest_trainable(self, params: str, rank: int) -> int:
+        """Elements of the largest single trainable tensor of `--params`."""
+        sizes = []
+        for part in params.split("+"):
+            if part == "bias":
+                sizes.append(max(linear.out_features for linear in self.linears))
+            elif part == "norm":
+                sizes.append(max(self.hidden, 2 * self.head_dim if self.qk_norm else 0))
+            elif part in LOW_RANK:
+                sizes.append(rank * max(max(linear.in_features, linear.out_features) for linear in self.linears))
+            else:
+                sizes.append(self.largest_linear)
+        return max(sizes)
+
     def trainable_per_block(self, params: str, rank: int) -> int:
         """The trainable parameters that live inside one block (FSDP gathers them with it)."""
         counts = self.trainable_params(params, rank)
@@ -135,8 +149,8 @@ class ModelShape:
         """What autograd keeps for backward, per token: (one block, outside the blocks).
 
         `compute_bytes` is the element size under autocast (2 for bf16/fp16 weights, 4 for fp32).
-        A wrapping correction's linear saves its input (the design target of issue 18: the effective
-        weight W + s·M⊙(BA) is recomputed in backward, its mask from the weight's zeros, so only the
+        A wrapping correction's linear saves its input (corrections/effective.py: the effective
+        weight W + s·M⊙(BA) is formed again in backward, its mask from the weight's zeros, so only the
         input is saved); a frozen linear saves nothing (its input gradient needs only its weight).
         With `norm` a norm's weight multiplies a saved normalised input."""
         c, parts = compute_bytes, params.split("+")

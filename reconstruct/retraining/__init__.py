@@ -24,6 +24,7 @@ its own forward and backward pass, and FSDP sums the gradients. At the end the m
 whole on every rank's host for the merge, and rank 0 writes it.
 
     inputs.py    the pruned model's linears and zeros, the teacher, the training and validation windows
+    planning.py  the memory plan: the budget, the passes and checkpointing chosen before any weight is read
     losses.py    next-token loss and distillation, as sums over tokens
     trainer.py   Retrainer: set-up, the training loop, the held-out loss, the never-worse merge, writing
     state.py     the resumable training state (saved, resumed), stopping on Ctrl-C
@@ -34,16 +35,34 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .. import distributed
 from ..config import RetrainConfig
+from ..memory import limit_heap_fragmentation
+from ..models import open_model
+from ..plan import Plan
+from .inputs import open_teacher
+from .planning import plan_memory
 from .trainer import Retrainer, RetrainResult, TrainingError
 
 
 def run(config: RetrainConfig, invocation: str | None = None) -> RetrainResult:
     """Run `config`; under torchrun, as one of several data-parallel processes. `invocation`: how the
     run was started (the command line, or the Python call), for the report and the model card."""
+    # Freed activations and per-linear temporaries go back to the system, not to a heap that stays
+    # resident under the writing phase's peak (memory.py; measured in docs/memory.md)
+    limit_heap_fragmentation()
     with distributed.process_group(config.device) as device:
         return Retrainer(dataclasses.replace(config, device=device), invocation).run()
 
 
-__all__ = ["RetrainResult", "Retrainer", "TrainingError", "run"]
+def plan(config: RetrainConfig) -> Plan:
+    """The memory plan `run(config)` would follow, from the models' configs: no weight is read."""
+    with distributed.process_group(config.device) as device:
+        student = open_model(config.model, config.torch_dtype)
+        teacher = open_teacher(config, student) if config.teacher else None
+        return plan_memory(dataclasses.replace(config, device=device), student, teacher, torch.device(device))
+
+
+__all__ = ["RetrainResult", "Retrainer", "TrainingError", "plan", "run"]

@@ -35,17 +35,14 @@ def check_correction_against_model(adapter: ModelAdapter, correction: Correction
     """A trial attachment to a weightless copy of the model: `--params bias` on a model without
     biases fails here, before any weight is read."""
     trial = copy.deepcopy(adapter.model)
-    masks = {name: torch.ones(linear.weight.shape, dtype=torch.bool, device="meta")
-             for name, linear in prunable_linears_by_name(adapter).items()}
     try:
-        correction.attach(trial, masks, options, torch.Generator())
+        correction.attach(trial, list(prunable_linears_by_name(adapter)), options, torch.Generator())
     except CorrectionError as error:
         raise CorrectionError(f"--params {correction.name}: {error}") from None
 
 
-def open_teacher(config: RetrainConfig, student: ModelAdapter) -> nn.Module:
-    """The dense teacher, frozen, in its own dtype on --teacher-device. It costs one more copy of
-    the model's weights in memory (no optimiser state, no activations kept for backward)."""
+def open_teacher(config: RetrainConfig, student: ModelAdapter) -> ModelAdapter:
+    """The dense teacher's checkpoint, opened (weightless) and checked against the student."""
     teacher = open_model(config.teacher, config.torch_dtype)
     student_vocab = student.model.get_output_embeddings().weight.shape[0]
     teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
@@ -54,6 +51,12 @@ def open_teacher(config: RetrainConfig, student: ModelAdapter) -> nn.Module:
             f"--teacher {config.teacher} has a vocabulary of {teacher_vocab} tokens, the student "
             f"{student_vocab}: distillation compares their next-token distributions, so they must "
             "share a tokenizer (use the dense model the student was pruned from)")
+    return teacher
+
+
+def load_teacher(config: RetrainConfig, teacher: ModelAdapter) -> nn.Module:
+    """The dense teacher, frozen, in its own dtype on --teacher-device. It costs one more copy of
+    the model's weights in memory (no optimiser state, no activations kept for backward)."""
     model = teacher.load_all().to(config.teacher_device or config.device).eval()
     model.requires_grad_(False)
     return model

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Tokens whose next-token distributions the distillation term compares at a time: its fp32
+# temporaries are [KL_CHUNK_TOKENS × vocabulary] (the memory plan counts four of them), never
+# [tokens × vocabulary].
+KL_CHUNK_TOKENS = 1024
+
 
 def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Σ over predicted tokens of −log p(next token): a sum, divided once by the batch's token count."""
@@ -12,8 +17,48 @@ def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
                                        reduction="sum")
 
 
-def distillation_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Σ over predicted tokens of KL(teacher ‖ student) on the next-token distributions."""
-    student = nn.functional.log_softmax(student_logits[:, :-1].float(), dim=-1).flatten(0, 1)
-    teacher = nn.functional.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
-    return nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+def _predicting_chunks(logits: torch.Tensor, chunk_tokens: int):
+    """(window, positions) of every predicting position (all but each window's last), in runs of at
+    most `chunk_tokens`: views of the logits, no copy."""
+    for window in range(logits.shape[0]):
+        for start in range(0, logits.shape[1] - 1, chunk_tokens):
+            yield window, slice(start, min(start + chunk_tokens, logits.shape[1] - 1))
+
+
+class ChunkedDistillation(torch.autograd.Function):
+    """Σ KL(teacher ‖ student) over predicted tokens, a chunk of tokens at a time in fp32. Saves the
+    two logits tensors (in their dtype) and recomputes each chunk's softmaxes in the backward pass,
+    where the gradient is softmax(student) − softmax(teacher) per token."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, chunk_tokens: int):
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for window, positions in _predicting_chunks(student_logits, chunk_tokens):
+            student = nn.functional.log_softmax(student_logits[window, positions].float(), dim=-1)
+            teacher = nn.functional.log_softmax(teacher_logits[window, positions].float(), dim=-1)
+            total += nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+            del student, teacher
+        ctx.chunk_tokens = chunk_tokens
+        ctx.save_for_backward(student_logits, teacher_logits)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        student_logits, teacher_logits = ctx.saved_tensors
+        # The last position of each window predicts nothing: its gradient is zero
+        grad_logits = torch.zeros_like(student_logits)
+        for window, positions in _predicting_chunks(student_logits, ctx.chunk_tokens):
+            chunk = nn.functional.softmax(student_logits[window, positions].float(), dim=-1)
+            chunk -= nn.functional.softmax(teacher_logits[window, positions].float(), dim=-1)
+            grad_logits[window, positions] = chunk.mul_(grad)
+            del chunk
+        return grad_logits, None, None
+
+
+def distillation_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     chunk_tokens: int = KL_CHUNK_TOKENS) -> torch.Tensor:
+    """Σ over predicted tokens of KL(teacher ‖ student) on the next-token distributions, computed
+    `chunk_tokens` tokens at a time (no [tokens × vocabulary] fp32 tensor is made whole)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
+    return ChunkedDistillation.apply(student_logits, teacher_logits.detach(), chunk_tokens)

@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 def final_report(config: RetrainConfig, verdict: dict, history: dict, shapes: dict[str, list[int]],
                  sparsity_before: dict[str, float], sparsity_after: dict[str, float], *, trainable: int,
                  model_parameters: int, sharded: bool, device: torch.device, wall_time_s: float,
-                 invocation: str) -> dict:
+                 invocation: str, memory_plan: dict | None = None) -> dict:
     """The report: the settings and versions, sizes, totals, the never-worse verdict, the loss
-    curves, and each masked linear's sparsity before and after (by name, in `shapes`' order)."""
+    curves, each masked linear's sparsity before and after (by name, in `shapes`' order), and the
+    memory plan the run followed (reconstruct.plan.Plan.as_dict)."""
     rates = history["tokens_per_s"]
     peak_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     total = sum(math.prod(shape) for shape in shapes.values())
@@ -41,6 +42,7 @@ def final_report(config: RetrainConfig, verdict: dict, history: dict, shapes: di
         **verdict,
         "loss_curve": {"step": history["step"], "loss": history["loss"]},
         "heldout_loss": history["heldout"],
+        "memory_plan": memory_plan,
         "layers": [{"name": name, "shape": shapes[name], "sparsity_before": sparsity_before[name],
                     "sparsity_after": sparsity_after[name]} for name in shapes],
     }

@@ -16,13 +16,15 @@ from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..faults import fault_point
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
+from ..memory import return_freed_memory
 from ..model_card import changed_settings, python_call, retrain_card
 from ..models import UnsupportedModelError, open_model
 from ..progress import Progress
-from ..tensors import masks_from_zeros, restore_exact_zeros
+from ..tensors import keep_only
 from ..checkpoint import RunDirectory
-from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
-                     sparsity_of, training_data)
+from .inputs import (check_correction_against_model, load_teacher, open_teacher, parameter_count,
+                     prunable_linears_by_name, sparsity_of, training_data)
+from .planning import plan_for_run, with_plan
 from .losses import distillation_sum, next_token_loss_sum
 from .report import final_report, plot_losses
 from .sharding import ShardedParameterAccess, shard_trainable
@@ -64,11 +66,20 @@ class Retrainer:
         config = self.config
         self.adapter = open_model(config.model, config.torch_dtype)
         check_correction_against_model(self.adapter, self.correction, self.options)
-        self.teacher = open_teacher(config, self.adapter) if config.teacher else None
+        teacher = open_teacher(config, self.adapter) if config.teacher else None
+        # The memory plan, before any weight is read: it fails here if nothing fits, and chooses
+        # the passes per step and checkpointing where the user left them open.
+        self.plan = plan_for_run(config, self.adapter, teacher, self.device)
+        self.config = config = with_plan(config, self.plan)
+        if self.plan:
+            log.info("%s", self.plan.render())
+        self.teacher = load_teacher(config, teacher) if teacher else None
         self.model = self.adapter.load_all()
-        self.masks = masks_from_zeros(prunable_linears_by_name(self.adapter))
-        self.sparsity_before = sparsity_of(self.model, self.masks)
-        zeros = sum(self.sparsity_before[n] * m.numel() for n, m in self.masks.items())
+        # The pruned linears by name, and their shapes; no mask is kept: each linear's is its zeros
+        self.shapes = {name: list(linear.weight.shape)
+                       for name, linear in prunable_linears_by_name(self.adapter).items()}
+        self.sparsity_before = sparsity_of(self.model, self.shapes)
+        zeros = sum(self.sparsity_before[n] * math.prod(shape) for n, shape in self.shapes.items())
         if zeros == 0 and not config.allow_dense:
             raise UnsupportedModelError(
                 f"{config.model} has no zeros in the linear layers of its blocks: it is not pruned. Prune "
@@ -81,7 +92,6 @@ class Retrainer:
                     "rank's shards); use --dtype bf16 or fp32")
             return
         self.model.to(self.device)
-        self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
 
     @property
     def sharded(self) -> bool:
@@ -100,9 +110,10 @@ class Retrainer:
             return self._run()
 
     def _run(self) -> RetrainResult:
-        config = self.config
-        distributed.on_main(lambda: self.run_dir.check_output(config.overwrite), "checking the output directory")
+        distributed.on_main(lambda: self.run_dir.check_output(self.config.overwrite),
+                            "checking the output directory")
         self.open()
+        config = self.config  # with the memory plan's choices
         # Rank 0 reads the data (the token cache is written once); bad data fails before any write.
         self.train_windows, self.validation = distributed.on_main(lambda: training_data(config, self.adapter),
                                                                   "reading the training data")
@@ -119,12 +130,14 @@ class Retrainer:
             step = 0
             self.training.history["heldout"].append([0, self.heldout_loss() if before is None else before])
         self.train(step)
+        return_freed_memory()  # the steps' freed tensors, before the merge and the writer's peak
         verdict = self.merge_if_not_worse()
+        return_freed_memory()
         report = final_report(config, verdict, self.training.history,
-                              {name: list(mask.shape) for name, mask in self.masks.items()},
-                              self.sparsity_before, sparsity_of(self.model, self.masks),
+                              self.shapes, self.sparsity_before, sparsity_of(self.model, self.shapes),
                               trainable=self.trainable, model_parameters=self.model_parameters,
                               sharded=self.sharded, device=self.device,
+                              memory_plan=self.plan.as_dict() if self.plan else None,
                               wall_time_s=time.perf_counter() - self.started, invocation=self.invocation)
         distributed.barrier("waiting for every rank to finish training")
         out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
@@ -135,7 +148,7 @@ class Retrainer:
         """The correction attached, its optimiser, schedule and gradient scaler; the random state."""
         config = self.config
         torch.manual_seed(config.seed + distributed.rank())  # dropout, where the model has any
-        self.attachment = self.correction.attach(self.model, self.masks, self.options,
+        self.attachment = self.correction.attach(self.model, self.shapes, self.options,
                                                  torch.Generator().manual_seed(config.seed))
         self.model.requires_grad_(False)
         for parameter in self.attachment.trainable:
@@ -266,16 +279,19 @@ class Retrainer:
         merged = math.isfinite(after) and after <= before
         if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
             distributed.unshard_model_(self.model, "cpu")
-            self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
-        if merged:
-            self.attachment.merge()
+        kept_rounded = 0
+        if merged:  # pruned entries +0.0, kept ones never rounded to zero (LinearWrapper.merge)
+            kept_rounded = self.attachment.merge()
         else:
             self.attachment.discard()
             log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
                         "written unchanged; try a lower --lr", before, after)
         self.model.requires_grad_(False)
         self.training.history["heldout"].append([self.config.steps, after])
-        kept_rounded = restore_exact_zeros(self.model, self.masks)
+        with torch.no_grad():  # a −0.0 of the input is written as +0.0, merged or not
+            for name in self.shapes:
+                weight = self.model.get_submodule(name).weight
+                keep_only(weight, weight != 0)
         return {"merged": merged, "heldout_before": before, "heldout_after": after,
                 "kept_weights_rounded_to_zero": kept_rounded}
 
