@@ -23,6 +23,10 @@ FSDP2 instead: each rank keeps 1/N of every parameter on its device, each block 
 its own forward and backward pass, and FSDP sums the gradients. At the end the model is gathered
 whole on every rank's host for the merge, and rank 0 writes it.
 
+With --offload cpu the same FSDP2 units keep their parameters, gradients and AdamW's state in host
+memory (CPUOffloadPolicy), on one process (a process group of one) or on several (sharded as with
+--fsdp), and each block is copied to the device only for its own forward and backward pass.
+
     inputs.py    the pruned model's linears and zeros, the teacher, the training and validation windows
     losses.py    next-token loss and distillation, as sums over tokens
     trainer.py   Retrainer: set-up, the training loop, the held-out loss, the never-worse merge, writing
@@ -41,7 +45,8 @@ from .trainer import Retrainer, RetrainResult, TrainingError
 
 def run(config: RetrainConfig) -> RetrainResult:
     """Run `config`; under torchrun, as one of several data-parallel processes."""
-    with distributed.process_group(config.device) as device:
+    # --offload cpu is FSDP2's, which needs a process group even on one process: a group of one
+    with distributed.process_group(config.device, single_process_group=config.offload == "cpu") as device:
         return Retrainer(dataclasses.replace(config, device=device)).run()
 
 

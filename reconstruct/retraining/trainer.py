@@ -67,17 +67,23 @@ class Retrainer:
         self.model_parameters = parameter_count(self.model)
         if self.sharded:  # each rank moves only its shards to the device, in prepare_training
             if self.compute_dtype == torch.float16:
+                flag = "--offload cpu" if self.offloaded else "--fsdp"
                 raise UnsupportedModelError(
-                    "--fsdp with fp16 weights is not supported (the gradient scaler would see only this "
-                    "rank's shards); use --dtype bf16 or fp32")
+                    f"{flag} with fp16 weights is not supported (the gradient scaler would see only this "
+                    "rank's shards, FSDP's); use --dtype bf16 or fp32")
             return
         self.model.to(self.device)
         self.masks = {name: mask.to(self.device) for name, mask in self.masks.items()}
 
     @property
     def sharded(self) -> bool:
-        """--fsdp with several processes (on one process there is nothing to shard)."""
-        return self.config.fsdp and distributed.world_size() > 1
+        """FSDP2 holds the parameters: --fsdp with several processes (on one process there is nothing
+        to shard), or --offload cpu on any number (FSDP2 is what moves the blocks to the device)."""
+        return (self.config.fsdp and distributed.world_size() > 1) or self.offloaded
+
+    @property
+    def offloaded(self) -> bool:
+        return self.config.offload == "cpu"
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -130,7 +136,8 @@ class Retrainer:
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # What the optimiser updates: the attachment's parameters, or FSDP's shards of them
-        parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device)
+        parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device,
+                                      offload=self.offloaded)
                       if self.sharded else self.attachment.trainable)
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.training = TrainingState(
