@@ -21,6 +21,7 @@ from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
                      sparsity_of, training_data)
 from .losses import distillation_sum, next_token_loss_sum
+from .out_of_memory import out_of_memory_error
 from .report import final_report, plot_losses
 from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
@@ -94,7 +95,11 @@ class Retrainer:
         """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
         self.run_dir = RunDirectory(Path(self.config.out))
         with run_lock(self.run_dir.out):  # a second run with the same --out stops before touching anything
-            return self._run()
+            try:
+                return self._run()
+            except torch.cuda.OutOfMemoryError as error:  # a message naming the settings, not a traceback
+                raise out_of_memory_error(self.config, getattr(self, "adapter", None), self.device, self.run_dir,
+                                          error) from error
 
     def _run(self) -> RetrainResult:
         config = self.config
