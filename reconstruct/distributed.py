@@ -316,6 +316,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     tensors in the same order); a plain tensor is returned as it is."""
     if not is_sharded(tensor):
         return tensor
+    local = tensor.to_local()
+    if local.device.type != tensor.device_mesh.device_type:  # offloaded to the host: gathered on the device
+        from torch.distributed.tensor import DTensor
+
+        tensor = DTensor.from_local(local.to(tensor.device_mesh.device_type), tensor.device_mesh, tensor.placements,
+                                    shape=tensor.shape, stride=tensor.stride(), run_check=False)
     return _collective("gathering a sharded tensor", tensor.full_tensor)
 
 

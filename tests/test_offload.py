@@ -17,11 +17,20 @@ SEQLEN = 32
 
 
 @pytest.fixture(scope="module")
-def pruned_llama(tiny_checkpoint, prune_tiny, tmp_path_factory):
-    dense = tiny_checkpoint("llama", hidden_size=64, intermediate_size=128)
-    out = tmp_path_factory.mktemp("offload-input") / "pruned"
-    prune_tiny(dense, out, method="magnitude", sparsity=0.6)
-    return out
+def pruned_models(tiny_checkpoint, prune_tiny, tmp_path_factory):
+    """{"llama": pruned, "opt": pruned (biases, a tied head)}: magnitude 60%, no correction."""
+    root = tmp_path_factory.mktemp("offload-input")
+    dense = {"llama": tiny_checkpoint("llama", hidden_size=64, intermediate_size=128),
+             "opt": tiny_checkpoint("opt", hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
+                                    tie_word_embeddings=True)}
+    for family, model in dense.items():
+        prune_tiny(model, root / family, method="magnitude", sparsity=0.6)
+    return {family: root / family for family in dense}
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(pruned_models):
+    return pruned_models["llama"]
 
 
 def settings(sample_text, token_cache, **overrides) -> dict:
@@ -41,8 +50,11 @@ def assert_same_model(offloaded: dict, plain: dict, tolerance: float) -> float:
     return largest
 
 
-@pytest.mark.parametrize("params", ["masklora+norm", "full"])
-def test_offload_cpu_gives_the_model_of_a_plain_run(params, pruned_llama, sample_text, token_cache, tmp_path):
+@pytest.mark.parametrize("family, params", [("llama", "masklora+norm"), ("llama", "full"), ("opt", "bias+norm"),
+                                            ("opt", "scalelora")])
+def test_offload_cpu_gives_the_model_of_a_plain_run(family, params, pruned_models, sample_text, token_cache,
+                                                    tmp_path):
+    pruned_llama = pruned_models[family]
     plain = retrain(str(pruned_llama), str(tmp_path / "plain"), params=params,
                     **settings(sample_text, token_cache))
     offloaded = retrain(str(pruned_llama), str(tmp_path / "offloaded"), params=params, offload="cpu",
@@ -51,21 +63,24 @@ def test_offload_cpu_gives_the_model_of_a_plain_run(params, pruned_llama, sample
     assert offloaded["fsdp"] and not plain["fsdp"] and offloaded["config"]["offload"] == "cpu"
     assert abs(offloaded["heldout_after"] - plain["heldout_after"]) < 1e-5
     # It trained: the weights moved, and they moved the same way with and without offloading
-    pruned = saved_tensors(pruned_llama)
-    moved = max(float((t.float() - pruned[n].float()).abs().max()) for n, t in saved_tensors(tmp_path / "plain").items())
+    pruned, trained = saved_tensors(pruned_llama), saved_tensors(tmp_path / "plain")
+    moved = max(float((t.float() - pruned[n].float()).abs().max()) for n, t in trained.items())
     largest = assert_same_model(saved_tensors(tmp_path / "offloaded"), saved_tensors(tmp_path / "plain"), 1e-5)
     assert largest < moved / 100, (largest, moved)
     # No process group is left behind: the next run in this process starts alone again
     assert not torch.distributed.is_initialized()
 
 
-def test_offload_resumes_to_the_plain_model(pruned_llama, sample_text, token_cache, tmp_path, monkeypatch):
-    """A run stopped after a saved state resumes with --offload cpu (the state's tensors are whole, so
-    it is the same file with or without offloading) and finishes with the plain run's model."""
+@pytest.mark.parametrize("first, then", [("none", "cpu"), ("cpu", "none"), ("cpu", "cpu")])
+def test_a_stopped_run_resumes_with_or_without_offload(first, then, pruned_llama, sample_text, token_cache,
+                                                       tmp_path, monkeypatch):
+    """A run stopped after its state of step 2 resumes with or without --offload cpu and finishes with
+    the plain run's model. Offloaded, the state's tensors are written in shards by
+    torch.distributed.checkpoint (a directory named by the step); without, whole by rank 0."""
     from reconstruct.retraining import trainer
 
     plain = tmp_path / "plain"
-    retrain(str(pruned_llama), str(plain), params="masklora", **settings(sample_text, token_cache))
+    retrain(str(pruned_llama), str(plain), params="masklora+norm", **settings(sample_text, token_cache))
     out = tmp_path / "stopped"
     original = trainer.Retrainer.train_step
 
@@ -76,13 +91,18 @@ def test_offload_resumes_to_the_plain_model(pruned_llama, sample_text, token_cac
 
     monkeypatch.setattr(trainer.Retrainer, "train_step", stop_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        retrain(str(pruned_llama), str(out), params="masklora", **settings(sample_text, token_cache))
+        retrain(str(pruned_llama), str(out), params="masklora+norm", offload=first,
+                **settings(sample_text, token_cache))
     monkeypatch.setattr(trainer.Retrainer, "train_step", original)
     assert not torch.distributed.is_initialized()
-    report = retrain(str(pruned_llama), str(out), params="masklora", offload="cpu", resume=True,
+    work = tmp_path / "stopped.partial"
+    assert [p.name for p in work.glob("train_state-*.dcp")] == (["train_state-00000002.dcp"] if first == "cpu"
+                                                                else [])
+    report = retrain(str(pruned_llama), str(out), params="masklora+norm", offload=then, resume=True,
                      **settings(sample_text, token_cache))
     assert len(report["loss_curve"]["loss"]) == 4
     assert_same_model(saved_tensors(out), saved_tensors(plain), 1e-5)
+    assert not list(out.glob("train_state*")), "a training state left in the output"
 
 
 def test_unknown_offload_is_refused(pruned_llama, sample_text, token_cache, tmp_path):

@@ -10,7 +10,8 @@ from torch import nn
 from ..config import RetrainConfig
 from ..corrections import Correction, CorrectionError, CorrectionOptions
 from ..models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
-from ..tensors import zero_count
+from ..tensors import masks_from_zeros, zero_count
+from .sharded_model import placeholder_masks, placeholders, zero_counts
 
 
 def prunable_linears_by_name(adapter: ModelAdapter) -> dict[str, nn.Linear]:
@@ -25,6 +26,20 @@ def sparsity_of(model: nn.Module, names) -> dict[str, float]:
         weight = model.get_submodule(name).weight.detach()
         sparsity[name] = zero_count(weight) / weight.numel()
     return sparsity
+
+
+def load_student(adapter: ModelAdapter, sharded: bool) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, float]]:
+    """(the pruned model, its linears' keep-masks, their sparsity). Loaded whole, or, where FSDP will
+    hold the parameters (`sharded`), weightless until each rank reads its shards' rows: placeholders,
+    and the zeros counted in each rank's rows (sharded_model.py)."""
+    linears = prunable_linears_by_name(adapter)
+    if not sharded:
+        model = adapter.load_all()
+        masks = masks_from_zeros(linears)
+        return model, masks, sparsity_of(model, masks)
+    masks = placeholder_masks(linears)
+    zeros = zero_counts(adapter, linears)
+    return placeholders(adapter), masks, {name: zeros[name] / mask.numel() for name, mask in masks.items()}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -3,8 +3,9 @@ and restored by --resume.
 
 Only the trainable parameters, their optimiser state, the schedule, the loss history and each rank's
 random state are saved: the frozen model is the input checkpoint itself. Every tensor is saved whole
-(gathered under --fsdp), so the files are laid out the same on 1 or N ranks, with or without
---fsdp, and a run may resume on another number of ranks.
+by rank 0, or, where FSDP holds the parameters (--fsdp, --offload cpu), in each rank's shards with
+torch.distributed.checkpoint (sharded_state.py); either is read back on 1 or N ranks, with or without
+--fsdp, so a run may resume on another number of ranks.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from .. import distributed
 from ..config import ConfigError, RetrainConfig
 from ..checkpoint import RunDirectory
+from .sharded_state import is_sharded_state, load_sharded_tensors, remove_older_states, save_sharded_tensors
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,11 @@ def save_training_state(run_dir: RunDirectory, config: RetrainConfig, device: to
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     distributed.barrier("waiting for every rank to save its random state")
-    # Whole tensors, gathered by every rank under --fsdp: the file one process writes
-    trainable = [distributed.full_tensor(p).detach().cpu() for p in training.parameters]
-    optimizer = distributed.whole_optimizer_state(training.optimizer)
+    if is_sharded_state(training.parameters):  # each rank writes its own shards (sharded_state.py)
+        trainable, optimizer = None, save_sharded_tensors(run_dir, training.parameters, training.optimizer, step)
+    else:  # whole tensors, the file one process writes
+        trainable = [distributed.full_tensor(p).detach().cpu() for p in training.parameters]
+        optimizer = distributed.whole_optimizer_state(training.optimizer)
 
     def save():
         state = {"step": step, "fingerprint": config.fingerprint(), "trainable": trainable,
@@ -65,6 +69,8 @@ def save_training_state(run_dir: RunDirectory, config: RetrainConfig, device: to
         run_dir.save_state({"fingerprint": config.fingerprint(), "step": step,
                             "command": "retrain", "world_size": distributed.world_size()})
     distributed.on_main(save, "saving the training state")
+    distributed.on_main(lambda: remove_older_states(run_dir, trainable is None and optimizer["sharded_state"]),
+                        "removing the previous training state")
 
 
 def saved_step(run_dir: RunDirectory) -> int:
@@ -83,10 +89,13 @@ def resume_training_state(run_dir: RunDirectory, config: RetrainConfig, device: 
                           "(or by another command); rerun without --resume (and with --overwrite if "
                           "needed) to start over")
     saved = torch.load(run_dir.work / TRAINING_STATE, weights_only=True)
-    with torch.no_grad():
-        for parameter, value in zip(training.parameters, saved["trainable"], strict=True):
-            parameter.copy_(distributed.shard_like(value.to(parameter.device), parameter))
-    distributed.load_optimizer_state(training.optimizer, saved["optimizer"])
+    if saved["trainable"] is None:  # written in shards (sharded_state.py)
+        load_sharded_tensors(run_dir, saved["optimizer"], training.parameters, training.optimizer)
+    else:
+        with torch.no_grad():
+            for parameter, value in zip(training.parameters, saved["trainable"], strict=True):
+                parameter.copy_(distributed.shard_like(value.to(parameter.device), parameter))
+        distributed.load_optimizer_state(training.optimizer, saved["optimizer"])
     training.scheduler.load_state_dict(saved["scheduler"])
     if training.scaler and saved["scaler"]:
         training.scaler.load_state_dict(saved["scaler"])

@@ -16,13 +16,15 @@ from ..corrections import CorrectionOptions, ParameterAccess, make_correction
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..models import UnsupportedModelError, open_model
-from ..tensors import masks_from_zeros, restore_exact_zeros
+from ..tensors import restore_exact_zeros
 from ..checkpoint import RunDirectory
-from .inputs import (check_correction_against_model, open_teacher, parameter_count, prunable_linears_by_name,
-                     sparsity_of, training_data)
+from .inputs import (check_correction_against_model, load_student, open_teacher, parameter_count, sparsity_of,
+                     training_data)
 from .losses import distillation_sum, next_token_loss_sum
 from .out_of_memory import out_of_memory_error
 from .report import final_report, plot_losses
+from .sharded_model import fill_shards, write_blocks
+from .sharded_state import remove_older_states
 from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
 
@@ -57,9 +59,7 @@ class Retrainer:
         self.adapter = open_model(config.model, config.torch_dtype)
         check_correction_against_model(self.adapter, self.correction, self.options)
         self.teacher = open_teacher(config, self.adapter) if config.teacher else None
-        self.model = self.adapter.load_all()
-        self.masks = masks_from_zeros(prunable_linears_by_name(self.adapter))
-        self.sparsity_before = sparsity_of(self.model, self.masks)
+        self.model, self.masks, self.sparsity_before = load_student(self.adapter, self.sharded)
         zeros = sum(self.sparsity_before[n] * m.numel() for n, m in self.masks.items())
         if zeros == 0 and not config.allow_dense:
             raise UnsupportedModelError(
@@ -117,14 +117,20 @@ class Retrainer:
             self.training.history["heldout"].append([0, self.heldout_loss()])
         self.train(step)
         verdict = self.merge_if_not_worse()
+        shards = None
+        if self.sharded:  # merged (or not) block by block as rank 0 writes it: the model is never whole
+            shards, sparsity_after, verdict["kept_weights_rounded_to_zero"] = write_blocks(
+                self.model, self.adapter, self.run_dir, verdict["merged"], list(self.masks))
+        else:
+            sparsity_after = sparsity_of(self.model, self.masks)
         report = final_report(config, verdict, self.training.history,
                               {name: list(mask.shape) for name, mask in self.masks.items()},
-                              self.sparsity_before, sparsity_of(self.model, self.masks),
+                              self.sparsity_before, sparsity_after,
                               trainable=self.trainable, model_parameters=self.model_parameters,
                               sharded=self.sharded, device=self.device,
                               wall_time_s=time.perf_counter() - self.started)
         distributed.barrier("waiting for every rank to finish training")
-        out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
+        out = distributed.on_main(lambda: self.write(report, shards), "writing the checkpoint")
         log.info("wrote %s", out)
         return RetrainResult(report, out)
 
@@ -144,6 +150,8 @@ class Retrainer:
         parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device,
                                       offload=self.offloaded)
                       if self.sharded else self.attachment.trainable)
+        if self.sharded:
+            fill_shards(self.model, self.adapter, self.device)
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.training = TrainingState(
             parameters, optimizer, linear_schedule(optimizer, config.steps, config.warmup),
@@ -257,30 +265,38 @@ class Retrainer:
         with self.attachment.merged_view():
             after = self.heldout_loss()
         merged = math.isfinite(after) and after <= before
-        if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
-            distributed.unshard_model_(self.model, "cpu")
-            self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
+        if not merged:
+            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
+                        "written unchanged; try a lower --lr", before, after)
+        self.training.history["heldout"].append([self.config.steps, after])
+        verdict = {"merged": merged, "heldout_before": before, "heldout_after": after}
+        if self.sharded:  # merged or not block by block, as it is written (sharded_model.write_blocks)
+            return verdict
         if merged:
             self.attachment.merge()
         else:
             self.attachment.discard()
-            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
-                        "written unchanged; try a lower --lr", before, after)
         self.model.requires_grad_(False)
-        self.training.history["heldout"].append([self.config.steps, after])
-        kept_rounded = restore_exact_zeros(self.model, self.masks)
-        return {"merged": merged, "heldout_before": before, "heldout_after": after,
-                "kept_weights_rounded_to_zero": kept_rounded}
+        verdict["kept_weights_rounded_to_zero"] = restore_exact_zeros(self.model, self.masks)
+        return verdict
 
-    def write(self, report: dict) -> Path:
-        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names,
-        the plot, then the index, config, tokenizer and report: OUT.partial becomes OUT."""
-        adapter, total = self.adapter, self.adapter.num_blocks + 1
-        shards = []
-        for index in range(adapter.num_blocks):
-            shards.append(self.run_dir.shard_name(index, total))
-            self.run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
-        shards.append(self.run_dir.shard_name(adapter.num_blocks, total))
-        self.run_dir.save_shard(shards[-1], adapter.non_block_tensors())
+    def write(self, report: dict, shards: list[str] | None = None) -> Path:
+        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names
+        (unless `shards` were written already, block by block), the plot, then the index, config,
+        tokenizer and report: OUT.partial becomes OUT."""
+        adapter = self.adapter
+        shards = shards or write_model(adapter, self.run_dir)
         plot_losses(report, self.run_dir.work / "loss.png")
+        remove_older_states(self.run_dir, None)  # the sharded training states: the run is done
         return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)
+
+
+def write_model(adapter, run_dir: RunDirectory) -> list[str]:
+    """A loaded model's shards: each block's, then the rest's; returns their names."""
+    total, shards = adapter.num_blocks + 1, []
+    for index in range(adapter.num_blocks):
+        shards.append(run_dir.shard_name(index, total))
+        run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
+    shards.append(run_dir.shard_name(adapter.num_blocks, total))
+    run_dir.save_shard(shards[-1], adapter.non_block_tensors())
+    return shards
