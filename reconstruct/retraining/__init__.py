@@ -20,8 +20,9 @@ same command gives the same model on 1 or N ranks up to float rounding. Rank 0 w
 
 With --fsdp (a model that does not fit one device) the weights are sharded across the ranks with
 FSDP2 instead: each rank keeps 1/N of every parameter on its device, each block is gathered whole for
-its own forward and backward pass, and FSDP sums the gradients. At the end the model is gathered
-whole on every rank's host for the merge, and rank 0 writes it.
+its own forward and backward pass, and FSDP sums the gradients. No rank loads the whole model: each
+reads the rows of its own shards from the checkpoint; at the end each block in turn is gathered on
+rank 0, merged and written; the training state is saved in each rank's shards.
 
 With --offload cpu the same FSDP2 units keep their parameters, gradients and AdamW's state in host
 memory (CPUOffloadPolicy), on one process (a process group of one) or on several (sharded as with
@@ -33,6 +34,9 @@ memory (CPUOffloadPolicy), on one process (a process group of one) or on several
     state.py     the resumable training state (saved, resumed), stopping on Ctrl-C
     report.py    report.json's contents and loss.png
     sharding.py  --fsdp: the model sharded, and how the corrections reach its sharded parameters
+    sharded_model.py  under FSDP: each rank reads its shards' rows; the model written block by block
+    sharded_state.py  under FSDP: the training state's tensors saved and read in each rank's shards
+    out_of_memory.py  out of device memory: what the memory plan would choose, in the command's flags
 """
 from __future__ import annotations
 
