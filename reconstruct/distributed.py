@@ -27,7 +27,6 @@ and, for `retrain --fsdp`, a model whose parameters are sharded across ranks (FS
                                          offload=True: the shards in host memory (`--offload cpu`)
     is_sharded(t) / full_tensor(t)       a sharded tensor (DTensor)? its whole value on every rank
     shard_like(full, like)               this rank's part of a whole value, sharded as `like`
-    unshard_model_(model, device)        every sharded parameter replaced by its whole value
     whole_optimizer_state(optimizer)     its state_dict() with whole tensors: what one process saves
     load_optimizer_state(optimizer, s)   ... and back, each rank keeping its part
 
@@ -333,30 +332,6 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
-def unshard_model_(model: nn.Module, device: torch.device | str) -> None:
-    """Replace every sharded parameter of `model` by a plain one holding its whole value on `device`,
-    and move the buffers there: after training, so that merging and writing see ordinary tensors.
-    Every rank ends up with the whole model on `device` (the host, where it was loaded). A
-    collective; nothing happens to a model that is not sharded. No forward pass may follow: the
-    FSDP hooks are still in place."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()  # every unit in its sharded state, whatever the last pass left
-    whole: dict[int, nn.Parameter] = {}  # a tied parameter (embedding and head) stays one tensor
-    for module in model.modules():  # the same order on every rank
-        for name, parameter in list(module._parameters.items()):
-            if parameter is not None and is_sharded(parameter):
-                if id(parameter) not in whole:
-                    whole[id(parameter)] = nn.Parameter(full_tensor(parameter).detach().to(device),
-                                                        requires_grad=False)
-                setattr(module, name, whole[id(parameter)])
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
 
 
 def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
