@@ -108,3 +108,20 @@ def test_a_stopped_run_resumes_with_or_without_offload(first, then, pruned_llama
 def test_unknown_offload_is_refused(pruned_llama, sample_text, token_cache, tmp_path):
     with pytest.raises(ConfigError, match="--offload 'disk': choose none or cpu"):
         retrain(str(pruned_llama), str(tmp_path / "out"), offload="disk", **settings(sample_text, token_cache))
+
+
+def test_offload_with_fp16_weights_is_refused(pruned_llama, sample_text, token_cache, tmp_path):
+    from reconstruct.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="--offload cpu with fp16 weights is not supported"):
+        retrain(str(pruned_llama), str(tmp_path / "out"), offload="cpu", dtype="fp16",
+                **settings(sample_text, token_cache))
+    assert not torch.distributed.is_initialized()
+
+
+def test_offload_with_gradient_checkpointing(pruned_llama, sample_text, token_cache, tmp_path):
+    """FSDP2's units recomputed in the backward pass, their weights copied in again: the same model."""
+    common = dict(params="masklora", gradient_checkpointing=True, **settings(sample_text, token_cache))
+    retrain(str(pruned_llama), str(tmp_path / "plain"), **common)
+    retrain(str(pruned_llama), str(tmp_path / "offloaded"), offload="cpu", **common)
+    assert_same_model(saved_tensors(tmp_path / "offloaded"), saved_tensors(tmp_path / "plain"), 1e-5)
