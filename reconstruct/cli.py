@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 from . import distributed
-from .config import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_PARAMS, TARGETS, RetrainConfig,
-                     RunConfig, default_device)
+from .config import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_OFFLOAD, RETRAIN_PARAMS, TARGETS,
+                     RetrainConfig, RunConfig, default_device)
 from .corrections import choices as correction_choices
 from .failures import EXIT_BAD_INPUT, EXIT_FAILED, report_failure
 from .model_card import command_line
@@ -176,6 +176,11 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--plan", action="store_true",
                      help="print the memory plan (what each item of the run needs, the peak, the settings "
                      "chosen) and exit, without reading any weight")
+    run.add_argument("--offload", choices=RETRAIN_OFFLOAD, default=d.offload,
+                     help="cpu: keep the parameters, gradients and optimiser in host memory and move each block "
+                     "to the device only for its forward and backward (FSDP2's CPU offload; under torchrun the "
+                     "model is also sharded, as with --fsdp): a model larger than the device, slower "
+                     "(default: %(default)s)")
     run.add_argument("--save-every", type=int, default=d.save_every,
                      help="save a resumable training state every this many steps; 0: never (default: %(default)s)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")

@@ -169,6 +169,8 @@ RETRAIN_PARAMS = ("bias", "norm", "bias+norm", "scalelora", "masklora", "masklor
 # masked full fine-tuning, which moves every kept weight, needs a much smaller one.
 RETRAIN_DEFAULT_LR = {"bias": 1e-2, "norm": 1e-2, "bias+norm": 1e-2, "scalelora": 1e-3, "masklora": 1e-3,
                       "masklora+norm": 1e-3, "lora-prune": 1e-3, "full": 3e-4}
+# Where the parameters live between their uses: on the device, or in host memory (FSDP2's CPU offload)
+RETRAIN_OFFLOAD = ("none", "cpu")
 
 
 @dataclass
@@ -193,6 +195,8 @@ class RetrainConfig:
     tokenizer: str | None = None
     gradient_checkpointing: bool | None = None  # None: on only if the memory plan needs it
     fsdp: bool = False                   # under torchrun: shard the weights across ranks (FSDP2)
+    offload: str = "none"                # "cpu": parameters in host memory, each block on the device only
+                                         # for its forward and backward (FSDP2's CPUOffloadPolicy)
     eval_every: int = 100                # held-out loss every this many steps (and at start and end)
     eval_windows: int = 16               # validation windows, from documents never trained on
     save_every: int = 100                # resumable training state every this many steps (0: never)
@@ -226,9 +230,10 @@ class RetrainConfig:
         """A hash of every setting that changes the output; a resumed run must match it."""
         # --fsdp, the passes per step (--grad-accum: the batch is global) and checkpointing change
         # float rounding only, as the number of ranks does, and save the same state; the memory
-        # plan may choose them differently on another machine
+        # plan may choose them differently on another machine; --offload keeps the same numbers in
+        # host memory
         ignored = {"out", "overwrite", "resume", "device", "teacher_device", "cache_dir", "save_every", "fsdp",
-                   "grad_accum", "gradient_checkpointing", "max_memory"}
+                   "grad_accum", "gradient_checkpointing", "max_memory", "offload"}
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         # The alpha in effect: a run started when the default was a fixed 32.0 (rank 16) resumes
         relevant["alpha"] = self.lora_alpha
@@ -256,6 +261,8 @@ class RetrainConfig:
                               "leave it out for 2·rank")
         if self.dtype and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.offload not in RETRAIN_OFFLOAD:
+            raise ConfigError(f"--offload {self.offload!r}: choose {' or '.join(RETRAIN_OFFLOAD)}")
         if self.fsdp and self.teacher:
             raise ConfigError("--fsdp with --teacher is not supported: the teacher would be a whole copy of a "
                               "model on every rank; retrain without --teacher, or without --fsdp")

@@ -23,10 +23,10 @@ single-process algorithm with a few marked points where ranks meet:
 
 and, for `retrain --fsdp`, a model whose parameters are sharded across ranks (FSDP2):
 
-    shard_model(model, blocks, device)   fully_shard each block, then the root; gradients summed
+    shard_model(model, blocks, device)   fully_shard each block, then the root; gradients summed;
+                                         offload=True: the shards in host memory (`--offload cpu`)
     is_sharded(t) / full_tensor(t)       a sharded tensor (DTensor)? its whole value on every rank
     shard_like(full, like)               this rank's part of a whole value, sharded as `like`
-    unshard_model_(model, device)        every sharded parameter replaced by its whole value
     whole_optimizer_state(optimizer)     its state_dict() with whole tensors: what one process saves
     load_optimizer_state(optimizer, s)   ... and back, each rank keeping its part
 
@@ -77,13 +77,28 @@ def timeout_seconds() -> float:
 
 
 @contextmanager
-def process_group(device: str):
+def process_group(device: str, single_process_group: bool = False):
     """Join torchrun's process group for the duration of the block; yield this process's device.
 
     Without torchrun (one process), or when the caller already set up a group, nothing happens and
-    `device` is yielded unchanged. Under torchrun, `--device cuda` means cuda:LOCAL_RANK."""
-    if not launched_with_several_processes() or dist.is_initialized():
+    `device` is yielded unchanged, unless `single_process_group`: then a group of one process is made
+    (an in-memory store, no network), for what needs a group even alone (FSDP2's CPU offload). Under
+    torchrun, `--device cuda` means cuda:LOCAL_RANK."""
+    if dist.is_initialized():
         yield device
+        return
+    if not launched_with_several_processes():
+        if not single_process_group:
+            yield device
+            return
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(device)  # NCCL's communicator is made for the current device
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1, timeout=timedelta(seconds=timeout_seconds()))
+        try:  # no peer to wait for: torn down even when the block raised, so a next run starts clean
+            yield device
+        finally:
+            dist.destroy_process_group()
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
@@ -287,25 +302,31 @@ def on_main(fn: Callable[[], T], what: str) -> T:
 
 # --------------------------------------------------------------------------------------------------
 # A model sharded across ranks (FSDP2, `retrain --fsdp`): each rank holds 1/N of every parameter
-def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device: torch.device) -> None:
+def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device: torch.device,
+                offload: bool = False) -> None:
     """Shard `model`'s parameters (frozen and trainable) and buffers across ranks on `device`: each
     block is one FSDP2 unit, gathered whole just for its own forward and backward, and the rest
-    (embeddings, final norm, head) is the root's unit. One process: nothing happens.
+    (embeddings, final norm, head) is the root's unit. One process: nothing happens, unless
+    `offload`: then, on any number of processes (a group of one included), the shards, their
+    gradients and the optimiser's step stay in host memory (FSDP2's CPUOffloadPolicy) and each unit
+    is copied to `device` only for its forward and backward.
 
     FSDP2 allows frozen and trainable parameters in one unit (only the trainable ones get gradients,
     and those must share a dtype: the corrections' fp32 parameters do). Gradients are summed, not
     averaged, over ranks: the training loss is already divided by the global batch's token count.
     Every rank must then run the same number of forward (and backward) passes: each pass gathers
     the parameters with a collective."""
-    if world_size() == 1:
+    if world_size() == 1 and not offload:
         return
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size(),))
+    # Pinned host memory makes the copies to an accelerator asynchronous; there is none to pin for on the CPU
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -324,6 +345,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     tensors in the same order); a plain tensor is returned as it is."""
     if not is_sharded(tensor):
         return tensor
+    local = tensor.to_local()
+    if local.device.type != tensor.device_mesh.device_type:  # offloaded to the host: gathered on the device
+        from torch.distributed.tensor import DTensor
+
+        tensor = DTensor.from_local(local.to(tensor.device_mesh.device_type), tensor.device_mesh, tensor.placements,
+                                    shape=tensor.shape, stride=tensor.stride(), run_check=False)
     return _collective("gathering a sharded tensor", tensor.full_tensor)
 
 
@@ -335,30 +362,6 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
-def unshard_model_(model: nn.Module, device: torch.device | str) -> None:
-    """Replace every sharded parameter of `model` by a plain one holding its whole value on `device`,
-    and move the buffers there: after training, so that merging and writing see ordinary tensors.
-    Every rank ends up with the whole model on `device` (the host, where it was loaded). A
-    collective; nothing happens to a model that is not sharded. No forward pass may follow: the
-    FSDP hooks are still in place."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()  # every unit in its sharded state, whatever the last pass left
-    whole: dict[int, nn.Parameter] = {}  # a tied parameter (embedding and head) stays one tensor
-    for module in model.modules():  # the same order on every rank
-        for name, parameter in list(module._parameters.items()):
-            if parameter is not None and is_sharded(parameter):
-                if id(parameter) not in whole:
-                    whole[id(parameter)] = nn.Parameter(full_tensor(parameter).detach().to(device),
-                                                        requires_grad=False)
-                setattr(module, name, whole[id(parameter)])
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
 
 
 def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

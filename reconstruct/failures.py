@@ -27,6 +27,7 @@ BAD_INPUT_ERRORS = frozenset({
     "reconstruct.config.ConfigError",
     "reconstruct.corrections.base.CorrectionError",
     "reconstruct.eval.EvaluationError",
+    "reconstruct.memory.DeviceMemoryError",
     "reconstruct.models.UnsupportedModelError",
     "reconstruct.plan.shapes.PlanError",
     "reconstruct.pruning.base.PruningError",
@@ -61,11 +62,20 @@ def is_bad_input(error: BaseException) -> bool:
     return any(class_name(cls) in BAD_INPUT_ERRORS for cls in type(error).__mro__)
 
 
+def is_device_out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory error (CUDA's and other accelerators'), named rather than imported."""
+    return any(class_name(cls) == "torch.OutOfMemoryError" for cls in type(error).__mro__)
+
+
 def message_of(error: BaseException) -> str:
     """The error's message. Our OSErrors carry (errno, message): the message alone, not
-    "[Errno 17] message"; the system's keep the file they are about."""
+    "[Errno 17] message"; the system's keep the file they are about. An out-of-memory error that
+    reached the command line unhandled: its first line, and what to change."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror + (f": {error.filename}" if error.filename else "")
+    if is_device_out_of_memory(error):
+        return (f"the device ran out of memory ({str(error).splitlines()[0] if str(error) else 'no details'}); "
+                "lower --batch-size or --seqlen, use --dtype bf16, or a device with more free memory")
     return str(error)
 
 
@@ -73,7 +83,8 @@ def report_failure(command: str, error: Exception, verbose: bool = False) -> int
     """Print what the user needs to know about `error` to stderr; return the exit code."""
     # A full disk is the machine's even when our message says so (and what to do about it).
     machine = isinstance(error, OSError) and error.errno in MACHINE_ERRNOS
-    if machine or is_bad_input(error):
+    # Out of memory is the settings' size against the device's: the message says what to change
+    if machine or is_bad_input(error) or is_device_out_of_memory(error):
         if verbose:
             traceback.print_exception(error)
         print(f"reconstruct {command}: error: {message_of(error)}", file=sys.stderr)

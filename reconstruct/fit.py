@@ -117,12 +117,20 @@ def fit_correction(unit: nn.Module, correction: Correction, masks: dict[str, tor
         with attachment.merged_view():
             return relative_error(run, target, heldout_batches)
 
-    note, heldout_after = _optimise(attachment.trainable, run, target, train_batches, options, generator,
-                                    device, compute_dtype, heldout_now)
-    if heldout_after is None:  # not measured on the final weights by the held-out checks
-        heldout_after = heldout_now()
-    with attachment.merged_view():  # judged as it would be written, before anything is merged
-        error_after = relative_error(run, target, train_sample)
+    try:
+        note, heldout_after = _optimise(attachment.trainable, run, target, train_batches, options, generator,
+                                        device, compute_dtype, heldout_now)
+        if heldout_after is None:  # not measured on the final weights by the held-out checks
+            heldout_after = heldout_now()
+        with attachment.merged_view():  # judged as it would be written, before anything is merged
+            error_after = relative_error(run, target, train_sample)
+    except torch.cuda.OutOfMemoryError:
+        # The unit as it was, wrappers gone: the caller retries with a smaller batch or reloads the
+        # block, and a reload must find the model's own modules, not the correction's wrappers.
+        attachment.discard()
+        for parameter in unit.parameters():
+            parameter.requires_grad_(False)
+        raise
     merged = math.isfinite(heldout_after) and math.isfinite(error_after) and heldout_after <= heldout_before
     if merged:
         attachment.merge()

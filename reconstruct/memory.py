@@ -1,5 +1,6 @@
 """Host memory: what the process has used at most, and keeping the C allocator from holding on to
-memory that the run has freed (every block allocates and frees its weights)."""
+memory that the run has freed (every block allocates and frees its weights); and the error a run
+raises when the device's memory ran out and nothing it could do itself helped."""
 from __future__ import annotations
 
 import resource
@@ -65,3 +66,8 @@ def return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class DeviceMemoryError(RuntimeError):
+    """The device ran out of memory, and the run could not lower its own need any further: the
+    message names the settings that would (one line from the command, no traceback)."""

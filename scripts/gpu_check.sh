@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One prepared check of the engine on one CUDA GPU, at most 8 minutes (each step has a time limit;
-# 120 + 90 + 2 x 120 s):
+# One prepared check of the engine on one CUDA GPU, at most 10 minutes (each step has a time limit;
+# 120 + 90 + 2 x 120 + 130 s):
 #   1. the CUDA-only tests (pytest -m cuda);
 #   2. a random LLaMA-2-7B-shaped bf16 model (hidden 4096, MLP 11008, 32 heads, vocabulary 32000) with
 #      its first GPU_CHECK_BLOCKS blocks (default 4) written once to $GPU_CHECK_DIR;
 #   3. Wanda 50% without a correction, then Wanda 50% + MaskLoRA, on 128 windows of 2048 tokens
 #      (GPU_CHECK_NSAMPLES, GPU_CHECK_SEQLEN), timed: per-phase seconds from report.json, peak
-#      device memory and peak host memory.
+#      device memory and peak host memory;
+#   4. `retrain` (MaskLoRA, bf16, GPU_CHECK_RETRAIN_SEQLEN tokens, default 1024, batch 4, 4 steps, a
+#      state saved at step 2) on the pruned blocks of step 3 (the dense ones if it failed), without
+#      and with --offload cpu: the memory plan's estimate (reconstruct.plan) beside
+#      torch.cuda.max_memory_allocated and the peak host memory (scripts/check_retrain_memory.py).
 # Each step has its own time limit; a failing step is reported and the next one still runs. The exit
 # status is 0 only if every step passed.
 #
@@ -19,6 +23,7 @@ BLOCKS=${GPU_CHECK_BLOCKS:-4}
 NSAMPLES=${GPU_CHECK_NSAMPLES:-128}
 SEQLEN=${GPU_CHECK_SEQLEN:-2048}
 STEPS=${GPU_CHECK_STEPS:-50}
+RETRAIN_SEQLEN=${GPU_CHECK_RETRAIN_SEQLEN:-1024}
 mkdir -p "$DIR"
 failed=()
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember a failure, go on
@@ -77,6 +82,12 @@ PY
 }
 prune "wanda" --correction none
 prune "wanda-masklora" --correction masklora --steps "$STEPS"
+
+RETRAIN_INPUT="$DIR/out-wanda"
+[ -f "$RETRAIN_INPUT/model.safetensors.index.json" ] || RETRAIN_INPUT="$DIR/llama7b-$BLOCKS"
+step "retrain: the plan against max_memory_allocated, without and with --offload cpu" 130 \
+    python3 scripts/check_retrain_memory.py "$RETRAIN_INPUT" --data "$DIR/calib.txt" --out-dir "$DIR" \
+    --device cuda --seqlen "$RETRAIN_SEQLEN" --batch-size 4 --steps 4 --cache-dir "$DIR/tokens" --timeout 60
 
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv || true
 if [ ${#failed[@]} -gt 0 ]; then

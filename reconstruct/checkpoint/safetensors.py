@@ -98,17 +98,34 @@ class CheckpointReader:
         (docs/benchmarks.md); reading the bytes with one `readinto` costs a little more than touching
         every mapped page does, and the read happens here rather than in the first forward pass."""
         code, shape, start, stop = self._layout(name)
+        if math.prod(shape) * SAFETENSORS_TO_TORCH[code].itemsize != stop - start:
+            raise self._damaged(name, self._shard_path(name),
+                                ValueError(f"its header gives {stop - start} bytes for shape {list(shape)}"))
+        return self._read_bytes(name, shape, 0)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the tensor (its first dimension), read from their byte range into memory
+        of their own: each rank's shard of a tensor under `retrain --fsdp`, and nothing else of it."""
+        _, shape, _, _ = self._layout(name)
+        row_bytes = math.prod(shape[1:]) * self.info(name)[0].itemsize
+        return self._read_bytes(name, (stop - start, *shape[1:]), start * row_bytes)
+
+    def _read_bytes(self, name: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+        """A tensor of `shape` from the bytes of `name` that begin `offset` bytes into its data."""
+        code, _, start, stop = self._layout(name)
         shard = self._shard_path(name)
         tensor = torch.empty(shape, dtype=SAFETENSORS_TO_TORCH[code])
         target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if start + offset + len(target) > stop:
+            raise self._damaged(name, shard, ValueError(f"{len(target)} bytes at {offset} are past its end"))
         try:
             with open(shard, "rb", buffering=0) as handle:
-                handle.seek(start)
+                handle.seek(start + offset)
                 count = read_into(handle, target)
         except OSError as error:
             raise self._damaged(name, shard, error) from error
-        if count != stop - start or len(target) != stop - start:
-            raise self._damaged(name, shard, EOFError(f"read {count} of its {stop - start} bytes"))
+        if count != len(target):
+            raise self._damaged(name, shard, EOFError(f"read {count} of its {len(target)} bytes"))
         return tensor
 
     def _layout(self, name: str) -> tuple[str, tuple[int, ...], int, int]:

@@ -29,7 +29,7 @@ from ..capture import kwargs_to
 from ..checkpoint import BackgroundWrite, RunDirectory
 from ..faults import fault_point
 from ..lock import run_lock
-from ..memory import limit_heap_fragmentation, return_freed_memory
+from ..memory import DeviceMemoryError, limit_heap_fragmentation, return_freed_memory
 from ..model_card import changed_settings, prune_card, python_call
 from ..models import prunable_linears
 from ..prefetch import BlockPrefetcher
@@ -72,7 +72,9 @@ class Driver:
         self.clock = PhaseClock(self.device)  # the whole run's phases; each block has its own too
         self.clock.add("imports", startup_s)
         self.recipe = Recipe.from_config(config)
-        self.batch_size = config.batch_size  # halved on CUDA out-of-memory
+        self.batch_size = config.batch_size  # halved on CUDA out-of-memory in a forward pass
+        self.fit_batch_size = config.fit_batch_size  # halved on CUDA out-of-memory while fitting
+        self.fitting = False  # whether the block is being fitted now (where an out-of-memory came from)
 
     def run(self) -> RunResult:
         """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
@@ -128,23 +130,50 @@ class Driver:
 
     # -- one block -----------------------------------------------------------------------------------
     def process_block(self, index: int, inputs: ActivationStore, dense_inputs: ActivationStore | None):
+        """The block's steps; on CUDA out-of-memory, the block again from its start with half the
+        batch of the step that ran out (the forward passes' or the fitting's): the fit leaves the
+        block without its correction's wrappers, so it reloads from the checkpoint like any block."""
         while True:
             try:
                 return self._process_block(index, inputs, dense_inputs)
-            except torch.cuda.OutOfMemoryError:
-                if self.batch_size == 1 or distributed.world_size() > 1:  # ranks must stay in step
-                    raise
-                self.batch_size //= 2
-                log.warning("CUDA out of memory in block %d: retrying with --batch-size %d", index,
-                            self.batch_size)
+            except torch.cuda.OutOfMemoryError as error:
+                self.halve_batch_after(error, index)
                 self.adapter.release(self.adapter.blocks[index])
                 torch.cuda.empty_cache()
                 inputs, dense_inputs = self.state.open_inputs()  # RAM inputs may be half overwritten
+
+    def halve_batch_after(self, error: torch.cuda.OutOfMemoryError, index: int) -> None:
+        """Halve the batch of the step that ran out of memory, or raise DeviceMemoryError naming the
+        settings to change when it is one window already (or several ranks would fall out of step)."""
+        config, fitting = self.config, self.fitting
+        flag, size = ("--fit-batch-size", self.fit_batch_size) if fitting else ("--batch-size", self.batch_size)
+        where = f"fitting block {index}'s correction" if fitting else f"block {index}"
+        if size > 1 and distributed.world_size() == 1:
+            if fitting:
+                self.fit_batch_size //= 2
+            else:
+                self.batch_size //= 2
+            log.warning("CUDA out of memory %s: retrying the block with %s %d", f"while {where}" if fitting
+                        else f"in {where}", flag, size // 2)
+            return
+        if distributed.world_size() > 1:
+            advice = (f"the ranks cannot lower it alone, in step: rerun the same command with a smaller {flag} "
+                      "and --resume")
+        elif fitting:
+            advice = (f"lower --seqlen (now {config.seqlen}) or --rank (now {config.rank}), fit smaller units "
+                      "(--granularity sublayer or linear), use --dtype bf16, or a device with more free memory")
+        else:
+            advice = (f"lower --seqlen (now {config.seqlen}), use --dtype bf16, or a device with more free "
+                      "memory: one block's weights and one window's activations must fit")
+        raise DeviceMemoryError(f"the device ran out of memory {'while ' if fitting else 'in '}{where} with "
+                                f"{flag} {size} (rank {distributed.rank()} of {distributed.world_size()}); "
+                                f"{advice}. The blocks already finished are kept: add --resume") from error
 
     def _process_block(self, index: int, inputs: ActivationStore, dense_inputs: ActivationStore | None):
         config, recipe, state, adapter = self.config, self.recipe, self.state, self.adapter
         device, batch_size, name = self.device, self.batch_size, adapter.block_name(index)
         clock = PhaseClock(device)  # this block's phases; added to the run's when it is done
+        self.fitting = False
         with clock.phase("load"):
             block, call = self.load_block(index)
             linears = prunable_linears(block, config.layers)
@@ -178,9 +207,12 @@ class Driver:
         fit_reports = []
         if recipe.correction is not None:
             with clock.phase("fit"):
+                self.fitting = True
+                fit_config = dataclasses.replace(config, fit_batch_size=self.fit_batch_size)
                 fit_reports = fit_block_correction(index, block, dense.dense_block, masks, fit_inputs, dense.targets,
-                                                   call, config=config, recipe=recipe, windows=state.windows,
+                                                   call, config=fit_config, recipe=recipe, windows=state.windows,
                                                    device=device)
+                self.fitting = False
                 distributed.check_identical({"corrected weights": list(block.state_dict().values())},
                                             f"block {index} after the correction")
             fault_point("block-fit")

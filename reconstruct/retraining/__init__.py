@@ -20,8 +20,13 @@ same command gives the same model on 1 or N ranks up to float rounding. Rank 0 w
 
 With --fsdp (a model that does not fit one device) the weights are sharded across the ranks with
 FSDP2 instead: each rank keeps 1/N of every parameter on its device, each block is gathered whole for
-its own forward and backward pass, and FSDP sums the gradients. At the end the model is gathered
-whole on every rank's host for the merge, and rank 0 writes it.
+its own forward and backward pass, and FSDP sums the gradients. No rank loads the whole model: each
+reads the rows of its own shards from the checkpoint; at the end each block in turn is gathered on
+rank 0, merged and written; the training state is saved in each rank's shards.
+
+With --offload cpu the same FSDP2 units keep their parameters, gradients and AdamW's state in host
+memory (CPUOffloadPolicy), on one process (a process group of one) or on several (sharded as with
+--fsdp), and each block is copied to the device only for its own forward and backward pass.
 
     inputs.py    the pruned model's linears and zeros, the teacher, the training and validation windows
     planning.py  the memory plan: the budget, the passes and checkpointing chosen before any weight is read
@@ -30,6 +35,9 @@ whole on every rank's host for the merge, and rank 0 writes it.
     state.py     the resumable training state (saved, resumed), stopping on Ctrl-C
     report.py    report.json's contents and loss.png
     sharding.py  --fsdp: the model sharded, and how the corrections reach its sharded parameters
+    sharded_model.py  under FSDP: each rank reads its shards' rows; the model written block by block
+    sharded_state.py  under FSDP: the training state's tensors saved and read in each rank's shards
+    out_of_memory.py  out of device memory: what the memory plan would choose, in the command's flags
 """
 from __future__ import annotations
 
@@ -53,7 +61,8 @@ def run(config: RetrainConfig, invocation: str | None = None) -> RetrainResult:
     # Freed activations and per-linear temporaries go back to the system, not to a heap that stays
     # resident under the writing phase's peak (memory.py; measured in docs/memory.md)
     limit_heap_fragmentation()
-    with distributed.process_group(config.device) as device:
+    # --offload cpu is FSDP2's, which needs a process group even on one process: a group of one
+    with distributed.process_group(config.device, single_process_group=config.offload == "cpu") as device:
         return Retrainer(dataclasses.replace(config, device=device), invocation).run()
 
 

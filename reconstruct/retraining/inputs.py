@@ -3,6 +3,7 @@ dense teacher, and the training and validation windows."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from ..config import RetrainConfig
 from ..corrections import Correction, CorrectionError, CorrectionOptions
 from ..models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from ..tensors import zero_count
+from .sharded_model import placeholders, zero_counts
 
 
 def prunable_linears_by_name(adapter: ModelAdapter) -> dict[str, nn.Linear]:
@@ -25,6 +27,20 @@ def sparsity_of(model: nn.Module, names) -> dict[str, float]:
         weight = model.get_submodule(name).weight.detach()
         sparsity[name] = zero_count(weight) / weight.numel()
     return sparsity
+
+
+def load_student(adapter: ModelAdapter, sharded: bool) -> tuple[nn.Module, dict[str, list[int]], dict[str, float]]:
+    """(the pruned model, its pruned linears' shapes by name, their sparsity). No mask is made: each
+    linear's is its zeros (corrections/effective.py). Loaded whole, or, where FSDP will hold the
+    parameters (`sharded`), weightless until each rank reads its shards' rows: placeholders, and the
+    zeros counted in each rank's rows (sharded_model.py)."""
+    linears = prunable_linears_by_name(adapter)
+    shapes = {name: list(linear.weight.shape) for name, linear in linears.items()}
+    if not sharded:
+        model = adapter.load_all()
+        return model, shapes, sparsity_of(model, shapes)
+    zeros = zero_counts(adapter, linears)
+    return placeholders(adapter), shapes, {name: zeros[name] / math.prod(shape) for name, shape in shapes.items()}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -48,7 +48,10 @@ def plan_settings(config: RetrainConfig, adapter: ModelAdapter, teacher: ModelAd
         params=config.params, rank=config.rank, seqlen=config.seqlen, batch_size=config.batch_size,
         micro_batch=micro_batch, gradient_checkpointing=config.gradient_checkpointing,
         dtype=str(adapter.storage_dtype).removeprefix("torch."), world_size=distributed.world_size(),
-        fsdp=config.fsdp, teacher=teacher is not None,
+        fsdp=config.fsdp or (config.offload == "cpu" and device.type == "cpu"),  # FSDP2 holds them either way
+        # On the CPU the parameters are in host memory already: --offload cpu changes only who holds them
+        offload="cpu" if config.offload == "cpu" and device.type != "cpu" else None,
+        teacher=teacher is not None,
         teacher_config=None if teacher is None else teacher.model.config,
         teacher_on_device=(config.teacher_device or config.device) == config.device,
         kl_chunk_tokens=KL_CHUNK_TOKENS, steps=config.steps, eval_windows=config.eval_windows,
@@ -61,8 +64,9 @@ def plan_memory(config: RetrainConfig, adapter: ModelAdapter, teacher: ModelAdap
     """The plan for `config` on `device`; raises DoesNotFitError (before any weight is read) when
     even the smallest setting left open does not fit."""
     settings = plan_settings(config, adapter, teacher, device)
-    # --offload is a design target of the planner that the command does not have yet: not offered
-    return choose(adapter.model.config, settings, memory_budget(config, device), offload_available=False)
+    # --offload cpu is offered where there is a device to offload from
+    return choose(adapter.model.config, settings, memory_budget(config, device),
+                  offload_available=device.type != "cpu")
 
 
 def plan_for_run(config: RetrainConfig, adapter: ModelAdapter, teacher: ModelAdapter | None,

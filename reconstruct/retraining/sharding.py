@@ -35,11 +35,12 @@ class ShardedParameterAccess(ParameterAccess):
 
 
 def shard_trainable(model: nn.Module, trainable: list[nn.Parameter], blocks,
-                    device: torch.device) -> list[nn.Parameter]:
-    """Shard `model` (correction attached) across the ranks' devices; return the `trainable`
-    parameters as FSDP re-registers them (sharded copies), in the same order, so that the
-    optimiser's saved state is laid out as on one process."""
+                    device: torch.device, offload: bool = False) -> list[nn.Parameter]:
+    """Shard `model` (correction attached) across the ranks' devices (`offload`: kept in host memory,
+    each block copied to the device for its passes); return the `trainable` parameters as FSDP
+    re-registers them (sharded copies), in the same order, so that the optimiser's saved state is
+    laid out as on one process."""
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     trainable_names = [names[id(p)] for p in trainable]
-    distributed.shard_model(model, blocks, device)
+    distributed.shard_model(model, blocks, device, offload=offload)
     return [model.get_parameter(name) for name in trainable_names]

@@ -5,9 +5,9 @@ Only the trainable parameters, their optimiser state, the schedule, the loss his
 random state are saved: the frozen model is the input checkpoint itself. The random states are named
 by step and the one of the training state's step is loaded, so a run killed between the two files
 never resumes step k with step k+s's random state; older ones are deleted once the new training state
-is in place. Every tensor is saved whole
-(gathered under --fsdp), so the files are laid out the same on 1 or N ranks, with or without
---fsdp, and a run may resume on another number of ranks.
+is in place. Every tensor is saved whole by rank 0, or, where FSDP holds the parameters (--fsdp,
+--offload cpu), in each rank's shards with torch.distributed.checkpoint (sharded_state.py); either is
+read back on 1 or N ranks, with or without --fsdp, so a run may resume on another number of ranks.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .. import distributed
 from ..config import ConfigError, RetrainConfig
 from ..checkpoint import OutputError, RunDirectory
 from ..faults import fault_point
+from .sharded_state import is_sharded_state, load_sharded_tensors, remove_older_states, save_sharded_tensors
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ def save_training_state(run_dir: RunDirectory, config: RetrainConfig, device: to
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     distributed.barrier("waiting for every rank to save its random state")
     fault_point("retrain-random-state-saved")
-    # Whole tensors, gathered by every rank under --fsdp: the file one process writes
-    trainable = [distributed.full_tensor(p).detach().cpu() for p in training.parameters]
-    optimizer = distributed.whole_optimizer_state(training.optimizer)
+    if is_sharded_state(training.parameters):  # each rank writes its own shards (sharded_state.py)
+        trainable, optimizer = None, save_sharded_tensors(run_dir, training.parameters, training.optimizer, step)
+    else:  # whole tensors, the file one process writes
+        trainable = [distributed.full_tensor(p).detach().cpu() for p in training.parameters]
+        optimizer = distributed.whole_optimizer_state(training.optimizer)
 
     def save():
         state = {"step": step, "fingerprint": config.fingerprint(), "trainable": trainable,
@@ -81,6 +84,8 @@ def save_training_state(run_dir: RunDirectory, config: RetrainConfig, device: to
             if rng_step(path.name) < step:
                 path.unlink(missing_ok=True)
     distributed.on_main(save, "saving the training state")
+    distributed.on_main(lambda: remove_older_states(run_dir, trainable is None and optimizer["sharded_state"]),
+                        "removing the previous training state")
 
 
 def saved_step(run_dir: RunDirectory) -> int:
@@ -99,10 +104,13 @@ def resume_training_state(run_dir: RunDirectory, config: RetrainConfig, device: 
                           "(or by another command); rerun without --resume (and with --overwrite if "
                           "needed) to start over")
     saved = load_saved(run_dir, TRAINING_STATE)
-    with torch.no_grad():
-        for parameter, value in zip(training.parameters, saved["trainable"], strict=True):
-            parameter.copy_(distributed.shard_like(value.to(parameter.device), parameter))
-    distributed.load_optimizer_state(training.optimizer, saved["optimizer"])
+    if saved["trainable"] is None:  # written in shards (sharded_state.py)
+        load_sharded_tensors(run_dir, saved["optimizer"], training.parameters, training.optimizer)
+    else:
+        with torch.no_grad():
+            for parameter, value in zip(training.parameters, saved["trainable"], strict=True):
+                parameter.copy_(distributed.shard_like(value.to(parameter.device), parameter))
+        distributed.load_optimizer_state(training.optimizer, saved["optimizer"])
     training.scheduler.load_state_dict(saved["scheduler"])
     if training.scaler and saved["scaler"]:
         training.scaler.load_state_dict(saved["scaler"])

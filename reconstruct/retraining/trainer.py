@@ -22,11 +22,14 @@ from ..models import UnsupportedModelError, open_model
 from ..progress import Progress
 from ..tensors import keep_only
 from ..checkpoint import RunDirectory
-from .inputs import (check_correction_against_model, load_teacher, open_teacher, parameter_count,
-                     prunable_linears_by_name, sparsity_of, training_data)
+from .inputs import (check_correction_against_model, load_student, load_teacher, open_teacher, parameter_count,
+                     sparsity_of, training_data)
 from .planning import plan_for_run, with_plan
 from .losses import distillation_sum, next_token_loss_sum
+from .out_of_memory import out_of_memory_error
 from .report import final_report, plot_losses
+from .sharded_model import fill_shards, write_blocks
+from .sharded_state import remove_older_states
 from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
 
@@ -74,11 +77,8 @@ class Retrainer:
         if self.plan:
             log.info("%s", self.plan.render())
         self.teacher = load_teacher(config, teacher) if teacher else None
-        self.model = self.adapter.load_all()
-        # The pruned linears by name, and their shapes; no mask is kept: each linear's is its zeros
-        self.shapes = {name: list(linear.weight.shape)
-                       for name, linear in prunable_linears_by_name(self.adapter).items()}
-        self.sparsity_before = sparsity_of(self.model, self.shapes)
+        # The pruned model; no mask is kept: each pruned linear's is its zeros
+        self.model, self.shapes, self.sparsity_before = load_student(self.adapter, self.sharded)
         zeros = sum(self.sparsity_before[n] * math.prod(shape) for n, shape in self.shapes.items())
         if zeros == 0 and not config.allow_dense:
             raise UnsupportedModelError(
@@ -87,16 +87,22 @@ class Retrainer:
         self.model_parameters = parameter_count(self.model)
         if self.sharded:  # each rank moves only its shards to the device, in prepare_training
             if self.compute_dtype == torch.float16:
+                flag = "--offload cpu" if self.offloaded else "--fsdp"
                 raise UnsupportedModelError(
-                    "--fsdp with fp16 weights is not supported (the gradient scaler would see only this "
-                    "rank's shards); use --dtype bf16 or fp32")
+                    f"{flag} with fp16 weights is not supported (the gradient scaler would see only this "
+                    "rank's shards, FSDP's); use --dtype bf16 or fp32")
             return
         self.model.to(self.device)
 
     @property
     def sharded(self) -> bool:
-        """--fsdp with several processes (on one process there is nothing to shard)."""
-        return self.config.fsdp and distributed.world_size() > 1
+        """FSDP2 holds the parameters: --fsdp with several processes (on one process there is nothing
+        to shard), or --offload cpu on any number (FSDP2 is what moves the blocks to the device)."""
+        return (self.config.fsdp and distributed.world_size() > 1) or self.offloaded
+
+    @property
+    def offloaded(self) -> bool:
+        return self.config.offload == "cpu"
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -107,7 +113,11 @@ class Retrainer:
         """The whole run, holding the output directory's lock (rank 0 holds it for all ranks)."""
         self.run_dir = RunDirectory(Path(self.config.out))
         with run_lock(self.run_dir.out):  # a second run with the same --out stops before touching anything
-            return self._run()
+            try:
+                return self._run()
+            except torch.cuda.OutOfMemoryError as error:  # a message naming the settings, not a traceback
+                raise out_of_memory_error(self.config, getattr(self, "adapter", None), self.device, self.run_dir,
+                                          error) from error
 
     def _run(self) -> RetrainResult:
         distributed.on_main(lambda: self.run_dir.check_output(self.config.overwrite),
@@ -133,14 +143,20 @@ class Retrainer:
         return_freed_memory()  # the steps' freed tensors, before the merge and the writer's peak
         verdict = self.merge_if_not_worse()
         return_freed_memory()
-        report = final_report(config, verdict, self.training.history,
-                              self.shapes, self.sparsity_before, sparsity_of(self.model, self.shapes),
+        shards = None
+        if self.sharded:  # merged (or not) block by block as rank 0 writes it: the model is never whole
+            shards, sparsity_after, verdict["kept_weights_rounded_to_zero"] = write_blocks(
+                self.model, self.adapter, self.run_dir, verdict["merged"], list(self.shapes))
+        else:
+            sparsity_after = sparsity_of(self.model, self.shapes)
+        report = final_report(config, verdict, self.training.history, self.shapes, self.sparsity_before,
+                              sparsity_after,
                               trainable=self.trainable, model_parameters=self.model_parameters,
                               sharded=self.sharded, device=self.device,
                               memory_plan=self.plan.as_dict() if self.plan else None,
                               wall_time_s=time.perf_counter() - self.started, invocation=self.invocation)
         distributed.barrier("waiting for every rank to finish training")
-        out = distributed.on_main(lambda: self.write(report), "writing the checkpoint")
+        out = distributed.on_main(lambda: self.write(report, shards), "writing the checkpoint")
         log.info("wrote %s", out)
         return RetrainResult(report, out)
 
@@ -157,8 +173,11 @@ class Retrainer:
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # What the optimiser updates: the attachment's parameters, or FSDP's shards of them
-        parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device)
+        parameters = (shard_trainable(self.model, self.attachment.trainable, self.adapter.blocks, self.device,
+                                      offload=self.offloaded)
                       if self.sharded else self.attachment.trainable)
+        if self.sharded:
+            fill_shards(self.model, self.adapter)
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.training = TrainingState(
             parameters, optimizer, linear_schedule(optimizer, config.steps, config.warmup),
@@ -277,35 +296,44 @@ class Retrainer:
         before = self.training.history["heldout"][0][1]  # the input model's, measured at step 0
         after = self.heldout_loss()
         merged = math.isfinite(after) and after <= before
-        if self.sharded:  # merging and writing need whole tensors: on the host, where it was loaded
-            distributed.unshard_model_(self.model, "cpu")
+        if not merged:
+            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
+                        "written unchanged; try a lower --lr", before, after)
+        self.training.history["heldout"].append([self.config.steps, after])
+        verdict = {"merged": merged, "heldout_before": before, "heldout_after": after}
+        if self.sharded:  # merged or not block by block, as it is written (sharded_model.write_blocks)
+            return verdict
         kept_rounded = 0
         if merged:  # pruned entries +0.0, kept ones never rounded to zero (LinearWrapper.merge)
             kept_rounded = self.attachment.merge()
         else:
             self.attachment.discard()
-            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
-                        "written unchanged; try a lower --lr", before, after)
         self.model.requires_grad_(False)
-        self.training.history["heldout"].append([self.config.steps, after])
+        verdict["kept_weights_rounded_to_zero"] = kept_rounded
         with torch.no_grad():  # a −0.0 of the input is written as +0.0, merged or not
             for name in self.shapes:
                 weight = self.model.get_submodule(name).weight
                 keep_only(weight, weight != 0)
-        return {"merged": merged, "heldout_before": before, "heldout_after": after,
-                "kept_weights_rounded_to_zero": kept_rounded}
+        return verdict
 
-    def write(self, report: dict) -> Path:
-        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names,
-        the plot and the model card, then the index, config, tokenizer and report: OUT.partial
-        becomes OUT."""
-        adapter, total = self.adapter, self.adapter.num_blocks + 1
-        shards = []
-        for index in range(adapter.num_blocks):
-            shards.append(self.run_dir.shard_name(index, total))
-            self.run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
-        shards.append(self.run_dir.shard_name(adapter.num_blocks, total))
-        self.run_dir.save_shard(shards[-1], adapter.non_block_tensors())
+    def write(self, report: dict, shards: list[str] | None = None) -> Path:
+        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names
+        (unless `shards` were written already, block by block), the plot and the model card, then the
+        index, config, tokenizer and report: OUT.partial becomes OUT."""
+        adapter = self.adapter
+        shards = shards or write_model(adapter, self.run_dir)
         plot_losses(report, self.run_dir.work / "loss.png")
         self.run_dir.save_text("README.md", retrain_card(report))
+        remove_older_states(self.run_dir, None)  # the sharded training states: the run is done
         return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)
+
+
+def write_model(adapter, run_dir: RunDirectory) -> list[str]:
+    """A loaded model's shards: each block's, then the rest's; returns their names."""
+    total, shards = adapter.num_blocks + 1, []
+    for index in range(adapter.num_blocks):
+        shards.append(run_dir.shard_name(index, total))
+        run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
+    shards.append(run_dir.shard_name(adapter.num_blocks, total))
+    run_dir.save_shard(shards[-1], adapter.non_block_tensors())
+    return shards
