@@ -75,8 +75,8 @@ def test_offload_cpu_gives_the_model_of_a_plain_run(family, params, pruned_model
 def test_a_stopped_run_resumes_with_or_without_offload(first, then, pruned_llama, sample_text, token_cache,
                                                        tmp_path, monkeypatch):
     """A run stopped after its state of step 2 resumes with or without --offload cpu and finishes with
-    the plain run's model. Offloaded, the state's tensors are written in shards by
-    torch.distributed.checkpoint (a directory named by the step); without, whole by rank 0."""
+    the plain run's model. Offloaded, the state's tensors are written in each rank's shards (a
+    directory of safetensors files named by the step); without, whole by rank 0."""
     from reconstruct.retraining import trainer
 
     plain = tmp_path / "plain"
@@ -96,7 +96,7 @@ def test_a_stopped_run_resumes_with_or_without_offload(first, then, pruned_llama
     monkeypatch.setattr(trainer.Retrainer, "train_step", original)
     assert not torch.distributed.is_initialized()
     work = tmp_path / "stopped.partial"
-    assert [p.name for p in work.glob("train_state-*.dcp")] == (["train_state-00000002.dcp"] if first == "cpu"
+    assert [p.name for p in work.glob("train_state-*.shards")] == (["train_state-00000002.shards"] if first == "cpu"
                                                                 else [])
     report = retrain(str(pruned_llama), str(out), params="masklora+norm", offload=then, resume=True,
                      **settings(sample_text, token_cache))

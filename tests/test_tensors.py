@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from reconstruct import tensors
 from reconstruct.tensors import keep_only, restore_exact_zeros_, smallest_subnormal, zero_count

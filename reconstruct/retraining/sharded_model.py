@@ -125,6 +125,23 @@ def fill_shards(model: nn.Module, adapter: ModelAdapter) -> None:
     return_freed_memory()
 
 
+def gather_to_main_(module: nn.Module, done: set[int]) -> None:
+    """Replace `module`'s sharded parameters by their whole values, on rank 0's host; elsewhere by
+    weightless ones (on meta). A collective: every rank gathers the same tensors in the same order.
+    `done`: ids of parameters already gathered (a tied one is gathered once)."""
+    gathered: dict[int, nn.Parameter] = {}
+    for child in module.modules():
+        for leaf, parameter in list(child._parameters.items()):
+            if parameter is None or not distributed.is_sharded(parameter) or id(parameter) in done:
+                continue
+            if id(parameter) not in gathered:
+                whole = distributed.full_tensor(parameter).detach()
+                whole = whole.cpu() if distributed.is_main() else whole.to("meta")
+                gathered[id(parameter)] = nn.Parameter(whole, requires_grad=parameter.requires_grad)
+            setattr(child, leaf, gathered[id(parameter)])
+    done.update(gathered)
+
+
 def release_(module: nn.Module) -> None:
     """Every parameter of `module` to meta, freeing it; set in place rather than by `module.to()`,
     which FSDP2 intercepts to re-shard parameters that are no longer its own."""

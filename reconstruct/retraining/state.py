@@ -6,8 +6,8 @@ random state are saved: the frozen model is the input checkpoint itself. The ran
 by step and the one of the training state's step is loaded, so a run killed between the two files
 never resumes step k with step k+s's random state; older ones are deleted once the new training state
 is in place. Every tensor is saved whole by rank 0, or, where FSDP holds the parameters (--fsdp,
---offload cpu), in each rank's shards with torch.distributed.checkpoint (sharded_state.py); either is
-read back on 1 or N ranks, with or without --fsdp, so a run may resume on another number of ranks.
+--offload cpu), in each rank's shards (sharded_state.py). Whole tensors are read back on 1 or N ranks,
+with or without --fsdp; shards by the same number of ranks.
 """
 from __future__ import annotations
 

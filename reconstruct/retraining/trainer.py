@@ -17,19 +17,18 @@ from ..faults import fault_point
 from ..fit import autocast_for, linear_schedule
 from ..lock import run_lock
 from ..memory import return_freed_memory
-from ..model_card import changed_settings, python_call, retrain_card
+from ..model_card import changed_settings, python_call
 from ..models import UnsupportedModelError, open_model
 from ..progress import Progress
-from ..tensors import keep_only
 from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, load_student, load_teacher, open_teacher, parameter_count,
                      sparsity_of, training_data)
 from .planning import plan_for_run, with_plan
 from .losses import distillation_sum, next_token_loss_sum
+from .output import merge_if_not_worse, write_output
 from .out_of_memory import out_of_memory_error
-from .report import final_report, plot_losses
+from .report import final_report
 from .sharded_model import fill_shards, write_blocks
-from .sharded_state import remove_older_states
 from .sharding import ShardedParameterAccess, shard_trainable
 from .state import TrainingState, resume_training_state, save_training_state, saved_step, stop_requests
 
@@ -156,7 +155,8 @@ class Retrainer:
                               memory_plan=self.plan.as_dict() if self.plan else None,
                               wall_time_s=time.perf_counter() - self.started, invocation=self.invocation)
         distributed.barrier("waiting for every rank to finish training")
-        out = distributed.on_main(lambda: self.write(report, shards), "writing the checkpoint")
+        out = distributed.on_main(lambda: write_output(self.adapter, self.run_dir, report, shards),
+                                  "writing the checkpoint")
         log.info("wrote %s", out)
         return RetrainResult(report, out)
 
@@ -291,49 +291,10 @@ class Retrainer:
 
     # -- the end -------------------------------------------------------------------------------------
     def merge_if_not_worse(self) -> dict:
-        """Judge the model exactly as it would be written; merge the correction only if its held-out loss
-        is finite and no worse than the input's (the never-worse guard), else keep the input's weights."""
-        before = self.training.history["heldout"][0][1]  # the input model's, measured at step 0
-        after = self.heldout_loss()
-        merged = math.isfinite(after) and after <= before
-        if not merged:
-            log.warning("retraining made the held-out loss worse (%.4f -> %.4f): the input's weights are "
-                        "written unchanged; try a lower --lr", before, after)
+        """The never-worse guard: the model judged exactly as it would be written (the wrappers'
+        merged view) against the input's held-out loss, measured at step 0."""
+        before, after = self.training.history["heldout"][0][1], self.heldout_loss()
         self.training.history["heldout"].append([self.config.steps, after])
-        verdict = {"merged": merged, "heldout_before": before, "heldout_after": after}
-        if self.sharded:  # merged or not block by block, as it is written (sharded_model.write_blocks)
-            return verdict
-        kept_rounded = 0
-        if merged:  # pruned entries +0.0, kept ones never rounded to zero (LinearWrapper.merge)
-            kept_rounded = self.attachment.merge()
-        else:
-            self.attachment.discard()
-        self.model.requires_grad_(False)
-        verdict["kept_weights_rounded_to_zero"] = kept_rounded
-        with torch.no_grad():  # a −0.0 of the input is written as +0.0, merged or not
-            for name in self.shapes:
-                weight = self.model.get_submodule(name).weight
-                keep_only(weight, weight != 0)
-        return verdict
-
-    def write(self, report: dict, shards: list[str] | None = None) -> Path:
-        """The blocks' shards and the rest (embeddings, final norm, head) in the input's tensor names
-        (unless `shards` were written already, block by block), the plot and the model card, then the
-        index, config, tokenizer and report: OUT.partial becomes OUT."""
-        adapter = self.adapter
-        shards = shards or write_model(adapter, self.run_dir)
-        plot_losses(report, self.run_dir.work / "loss.png")
-        self.run_dir.save_text("README.md", retrain_card(report))
-        remove_older_states(self.run_dir, None)  # the sharded training states: the run is done
-        return self.run_dir.finish(adapter.checkpoint.directory, adapter.output_config(), shards, report)
-
-
-def write_model(adapter, run_dir: RunDirectory) -> list[str]:
-    """A loaded model's shards: each block's, then the rest's; returns their names."""
-    total, shards = adapter.num_blocks + 1, []
-    for index in range(adapter.num_blocks):
-        shards.append(run_dir.shard_name(index, total))
-        run_dir.save_shard(shards[-1], adapter.module_tensors(adapter.block_name(index)))
-    shards.append(run_dir.shard_name(adapter.num_blocks, total))
-    run_dir.save_shard(shards[-1], adapter.non_block_tensors())
-    return shards
+        # Sharded, each block is merged or not as it is written (sharded_model.write_blocks)
+        return merge_if_not_worse(self.attachment, self.model, self.shapes, before, after,
+                                  merge_now=not self.sharded)
