@@ -47,7 +47,7 @@ def main(model: str, out: str) -> None:
         run_dir = RunDirectory(Path(out))
         distributed.on_main(lambda: run_dir.prepare(True, False), "preparing the output directory")
         before = reset_peak()
-        write_blocks(retrainer.model, retrainer.adapter, run_dir, True, list(retrainer.masks))
+        write_blocks(retrainer.model, retrainer.adapter, run_dir, True, list(retrainer.shapes))
         writing = resident()["VmHWM"] - before
         print(json.dumps({"rank": distributed.rank(), "loading": loading, "writing": writing}), flush=True)
 
