@@ -6,9 +6,15 @@ quality: prune each testbed model (magnitude 50%, Wanda 70%), retrain it with ea
     (`reconstruct prune` with its default correction). Defaults: 290 steps x 8 windows x 256
     tokens = 593,920 training tokens (the issue's budget is 600k), each subset at its default
     learning rate. Results are kept in RESULTS.json as they come: an interrupted run continues.
-speed: tokens/s of one training step, side by side in one run, each configuration in its own
-    process (so peak memory is its own): our MaskLoRA against plain PEFT LoRA (same rank, model,
-    batch), norm against full, each with and without gradient checkpointing.
+speed: tokens/s side by side in one run, each configuration in its own process (so peak memory is
+    its own): ours are the real `reconstruct retrain` command on a magnitude-50% copy of the model
+    (tokens/s and peak memory from its report.json), against plain PEFT LoRA (same rank, model,
+    batch, a training loop of its own: the baseline), norm against full, each with and without
+    gradient checkpointing.
+
+Quality results are cached in RESULTS.json under keys that name every setting (steps, batch,
+seqlen, device) and the code's version (git commit, marked dirty when the tree has changes), so a
+number from other settings or other code is never reused.
 
     python scripts/make_testbed.py                      # once: the testbed models
     python scripts/bench_retrain.py quality --markdown docs/retrain-quality.md
@@ -42,6 +48,21 @@ LR_SWEEP = ("llama:wanda0.7:masklora:3e-3 llama:wanda0.7:masklora:3e-4 llama:wan
             "llama:wanda0.7:norm:3e-2 llama:wanda0.7:full:3e-4 llama:wanda0.7:full:3e-5")
 
 
+def code_version() -> str:
+    """The commit the benchmark runs (with "+dirty" when the tree has changes), else the package's."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        from reconstruct.versions import __version__
+
+        return __version__
+
+
 # --------------------------------------------------------------------------------------------------
 # Quality
 def quality(args) -> None:
@@ -53,7 +74,10 @@ def quality(args) -> None:
     results_file = work / "RESULTS.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
+    suffix = f"|seqlen={args.seqlen}|device={args.device}|code={code_version()}"
+
     def record(key, compute):
+        key += suffix
         if key not in results:
             started = time.perf_counter()
             results[key] = {**compute(), "seconds": round(time.perf_counter() - started, 1)}
@@ -94,7 +118,7 @@ def quality(args) -> None:
                     "trainable_fraction": report["trainable_fraction"],
                     "sparsity": report["totals"]["sparsity_after"],
                     "heldout_loss": [report["heldout_before"], report["heldout_after"]]}
-        record(f"{family}|{pruning}|{params}|lr={lr:g}", retrained)
+        record(f"{family}|{pruning}|{params}|lr={lr:g}|steps={args.steps}|batch={args.batch_size}", retrained)
     table = render(results)
     print(table)
     if args.markdown:
@@ -135,7 +159,8 @@ def speed(args) -> None:
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             result = subprocess.run([sys.executable, __file__, "speed-worker", "--config", config,
                                      "--model", str(args.model), "--batch-size", str(args.batch_size),
-                                     "--seqlen", str(args.seqlen), "--steps", str(args.steps)],
+                                     "--seqlen", str(args.seqlen), "--steps", str(args.steps),
+                                     "--workdir", str(args.workdir)],
                                     capture_output=True, text=True, env=env)
             if result.returncode:
                 raise SystemExit(f"{config} failed:\n{result.stderr[-3000:]}")
@@ -144,8 +169,9 @@ def speed(args) -> None:
     rows = [sorted(results, key=lambda row: row["step_s"])[len(results) // 2] for results in runs.values()]
     by_name = {row["config"]: row for row in rows}
     lines = [f"Training speed on `{Path(args.model).name}` (CPU, {args.threads} thread(s)), batch {args.batch_size} x "
-             f"{args.seqlen} tokens, median of {args.steps} steps after 2 warm-up steps; each configuration in "
-             f"its own process, {args.rounds} rounds in turn, the median round kept.", "", "| configuration | tokens/s | step (s) | peak RSS (MiB) | trainable |",
+             f"{args.seqlen} tokens, ours: the `reconstruct retrain` command's median tokens/s over "
+             f"{args.steps + 2} steps (report.json); PEFT: median of {args.steps} steps after 2 warm-up steps; each "
+             f"configuration in its own process, {args.rounds} rounds in turn, the median round kept.", "", "| configuration | tokens/s | step (s) | peak RSS (MiB) | trainable |",
              "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['config']} | {row['tokens_per_s']:,.0f} | {row['step_s']:.3f} | "
@@ -159,35 +185,54 @@ def speed(args) -> None:
 
 
 def speed_worker(args) -> None:
-    """One configuration: load the model, zero half of each block linear (magnitude), attach, time."""
+    """One configuration: ours, the real `reconstruct retrain` command; PEFT LoRA, its own loop."""
+    name, _, checkpointing = args.config.partition("+gc")
+    if name == "peft-lora":
+        return peft_worker(args, bool(checkpointing))
+    pruned = Path(args.workdir) / "pruned-magnitude0.5"
+    if not (pruned / "config.json").exists():
+        run_command(["prune", str(args.model), "--out", str(pruned), "--method", "magnitude", "--sparsity", "0.5",
+                     "--correction", "none", "--calib", str(TESTBED / "train.txt"), "--seqlen", str(args.seqlen),
+                     "--device", "cpu", "--overwrite"])
+    out = Path(args.workdir) / f"retrained-{args.config}"
+    # Every step a full batch in one pass (as the PEFT loop), no held-out loss between the steps
+    run_command(["retrain", str(pruned), "--out", str(out), "--params", name, "--data", str(TESTBED / "train.txt"),
+                 "--steps", str(args.steps + 2), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
+                 "--grad-accum", "1", "--rank", "16", "--eval-every", str(args.steps + 2), "--eval-windows", "2",
+                 "--save-every", "0", "--device", "cpu", "--overwrite",
+                 "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"])
+    report = json.loads((out / "report.json").read_text())
+    tokens_per_s = report["totals"]["tokens_per_s"]  # the command's median over its steps
+    print(json.dumps({"config": args.config, "step_s": args.batch_size * args.seqlen / tokens_per_s,
+                      "tokens_per_s": tokens_per_s, "peak_rss_mib": report["totals"]["peak_host_rss_bytes"] / 2**20,
+                      "trainable": report["trainable_params"]}))
+
+
+def run_command(arguments: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "reconstruct", *arguments], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"reconstruct {arguments[0]} failed:\n{result.stderr[-3000:]}")
+
+
+def peft_worker(args, checkpointing: bool) -> None:
+    """The baseline: plain PEFT LoRA on the same model with half of each block linear zeroed."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from reconstruct.corrections import CorrectionOptions, make_correction
     from reconstruct.memory import peak_rss_bytes
     from reconstruct.retraining.losses import next_token_loss_sum
 
-    name, _, checkpointing = args.config.partition("+gc")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    masks = {}
+    targets = set()
     with torch.no_grad():
         for module_name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in module_name:
                 weight = module.weight
                 weight[weight.abs() <= weight.abs().flatten().kthvalue(weight.numel() // 2).values] = 0
-                masks[module_name] = weight != 0
+                targets.add(module_name.rsplit(".", 1)[-1])
     model.requires_grad_(False)
-    if name == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = sorted({n.rsplit(".", 1)[-1] for n in masks})
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-    else:
-        attachment = make_correction(name).attach(model, masks, CorrectionOptions(rank=16, alpha=32),
-                                                  torch.Generator().manual_seed(0))
-        trainable = attachment.trainable
-        for parameter in trainable:
-            parameter.requires_grad_(True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=sorted(targets)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -232,6 +277,7 @@ def main() -> None:
         s.add_argument("--configs", default=",".join(SPEED_CONFIGS))
         s.add_argument("--config", default="masklora")
         s.add_argument("--markdown", default=None)
+        s.add_argument("--workdir", default="/tmp/reconstruct-bench-retrain-speed")
     args = parser.parse_args()
     {"quality": quality, "speed": speed, "speed-worker": speed_worker}[args.command](args)
 
