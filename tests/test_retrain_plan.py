@@ -126,9 +126,9 @@ def test_a_given_setting_is_never_overridden_and_a_misfit_stops_before_loading(
     assert len(error.strip().splitlines()) == 1
 
 
-def test_on_an_accelerator_the_options_name_fsdp():
-    """LLaMA-2-7B's shape (a config, no weights) on a 16 GB budget: --fsdp over enough devices is
-    named (checked by the same estimator); --offload, which retrain does not have yet, is not."""
+def test_on_an_accelerator_the_options_name_fsdp_and_offload():
+    """LLaMA-2-7B's shape (a config, no weights) on a 16 GB budget: --fsdp over enough devices and
+    --offload cpu are named (checked by the same estimator); on the CPU --offload is not offered."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig
@@ -139,7 +139,11 @@ def test_on_an_accelerator_the_options_name_fsdp():
     settings_7b = RetrainConfig(model="7b", out="", seqlen=2048, batch_size=8, device="cpu", max_memory=16)
     with pytest.raises(DoesNotFitError) as raised:
         plan_memory(settings_7b, adapter, None, torch.device("cuda"))
-    assert "These would fit: --fsdp over 2 devices" in str(raised.value) and "--offload" not in str(raised.value)
+    assert "These would fit: --fsdp over 2 devices" in str(raised.value)
+    assert "--offload cpu (12.3 GiB on the device" in str(raised.value)
+    with pytest.raises(DoesNotFitError) as raised:
+        plan_memory(settings_7b, adapter, None, torch.device("cpu"))
+    assert "--offload" not in str(raised.value)
 
 
 def test_on_the_cpu_adamw_temporaries_are_one_parameter_and_no_save_is_counted_without_saving():
