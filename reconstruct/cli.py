@@ -99,9 +99,14 @@ def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                      help="read the next block's weights in a background thread while the current one "
                      "computes; it holds one more block in host memory, so auto means on for an "
                      "accelerator, off on the CPU (default: %(default)s)")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
-    run.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run from OUT.partial (same settings required)")
+    _add_output_directory_arguments(run)
+
+
+def _add_output_directory_arguments(group) -> None:
+    """--overwrite and --resume, the same for both commands that write a model."""
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from OUT.partial (same settings required)")
 
 
 def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,10 +151,12 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
                       help="LoRA rank r (default: %(default)s; prune's 64 was chosen by a sweep of per-block "
                       "repair, docs/benchmarks.md, which retraining has not had)")
     loop.add_argument("--alpha", type=float, default=d.alpha,
-                      help="LoRA alpha; scale s = alpha/r (default: 2·rank, so s = 2 whatever the rank, as "
-                      "in prune; 32 at the default rank)")
+                      help="LoRA alpha; scale s = alpha/r "
+                      "(default: 2·rank, so s = 2 whatever the rank, as in prune; "
+                      "32 at the default rank)")
     loop.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                      help="recompute activations in the backward pass: less memory, about a third slower "
+                      help="recompute activations in the backward pass: less memory, "
+                      "about a third slower "
                       "(default: on only if the memory plan needs it to fit --max-memory)")
     loop.add_argument("--eval-every", type=int, default=d.eval_every,
                       help="held-out loss every this many steps (default: %(default)s)")
@@ -173,19 +180,17 @@ def _add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
                      help="memory per process the run must fit (10%% of it is kept for the allocator); "
                      "the memory plan chooses --grad-accum and --gradient-checkpointing, where not given, "
                      "to fit it (default: the device's free memory; on the CPU, the host's available memory)")
-    run.add_argument("--plan", action="store_true",
-                     help="print the memory plan (what each item of the run needs, the peak, the settings "
-                     "chosen) and exit, without reading any weight")
     run.add_argument("--offload", choices=RETRAIN_OFFLOAD, default=d.offload,
                      help="cpu: keep the parameters, gradients and optimiser in host memory and move each block "
                      "to the device only for its forward and backward (FSDP2's CPU offload; under torchrun the "
                      "model is also sharded, as with --fsdp): a model larger than the device, slower "
                      "(default: %(default)s)")
+    run.add_argument("--plan", action="store_true",
+                     help="print the memory plan (what each item of the run needs, the peak, the settings "
+                     "chosen) and exit, without reading any weight")
     run.add_argument("--save-every", type=int, default=d.save_every,
                      help="save a resumable training state every this many steps; 0: never (default: %(default)s)")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
-    run.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run from OUT.partial (same settings required)")
+    _add_output_directory_arguments(run)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:

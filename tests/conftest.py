@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 # Calibration settings for the engine tests: small, CPU, and a private token cache.
 NSAMPLES, SEQLEN = 8, 32
@@ -171,3 +172,14 @@ def wait_until_locked(process, out, timeout: float = 120.0) -> None:
         assert process.poll() is None, process.stderr.read()
         assert time.monotonic() < deadline, "the first run never took its lock"
         time.sleep(0.01)
+
+
+class OneLinearUnit(nn.Module):
+    """A fitting unit made of one linear, named `proj`: what the corrections' tests attach to."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)

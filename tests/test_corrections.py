@@ -6,21 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_causal_lm, pruned_matrices, saved_tensors
+from conftest import OneLinearUnit, load_causal_lm, pruned_matrices, saved_tensors
 from reconstruct.corrections import CorrectionError, CorrectionOptions, choices, make_correction
 
 
 # --------------------------------------------------------------------------------------------------
 # Merging, on one pruned linear
-class _Unit(nn.Module):
-    def __init__(self, linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _pruned_unit(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(48, 40, bias=True)
@@ -30,7 +21,7 @@ def _pruned_unit(dtype=torch.float32, seed=0):
     mask = torch.rand(40, 48, generator=g) > 0.5  # True = kept
     with torch.no_grad():
         linear.weight.mul_(mask)
-    return _Unit(linear.to(dtype)), mask
+    return OneLinearUnit(linear.to(dtype)), mask
 
 
 def _attach_and_perturb(name, unit, mask, seed=1):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import OneLinearUnit
 from reconstruct.corrections import CorrectionOptions, make_correction
 from reconstruct.corrections.effective import (DenseLowRank, MaskedLowRank, MaskedMaster, ScaledLowRank,
                                                effective_linear)
@@ -93,15 +94,6 @@ def test_same_bits_as_the_plain_expression_under_autocast(kind, dtype):
             assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
-class _Unit(nn.Module):
-    def __init__(self, linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 @pytest.mark.parametrize("name", ["masklora", "scalelora", "lora-prune", "full"])
 def test_only_the_input_and_the_factors_are_saved_for_backward(name):
     """Neither the effective weight nor a mask is kept for the backward pass: what autograd holds is
@@ -110,7 +102,7 @@ def test_only_the_input_and_the_factors_are_saved_for_backward(name):
     linear = nn.Linear(40, 48, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(pruned_weight(torch.bfloat16, g, 48, 40))
-    unit = _Unit(linear)
+    unit = OneLinearUnit(linear)
     attachment = make_correction(name).attach(unit, ["proj"], CorrectionOptions(rank=4), g)
     for parameter in attachment.trainable:
         parameter.requires_grad_(True)
@@ -134,7 +126,7 @@ def test_only_the_input_and_the_factors_are_saved_for_backward(name):
 @pytest.mark.parametrize("name", ["masklora", "scalelora", "lora-prune", "full", "masklora+norm"])
 def test_no_mask_is_held_after_attach(name):
     linear = nn.Linear(40, 48)
-    unit = nn.Sequential(nn.LayerNorm(40), _Unit(linear))
+    unit = nn.Sequential(nn.LayerNorm(40), OneLinearUnit(linear))
     make_correction(name).attach(unit, ["1.proj"], CorrectionOptions(rank=4), torch.Generator())
     tensors = list(unit.buffers()) + [value for module in unit.modules() for value in vars(module).values()
                                       if isinstance(value, torch.Tensor)]
@@ -152,7 +144,7 @@ def test_pruned_weights_are_exactly_positive_zero_after_merge(name, dtype):
         linear.weight.copy_(pruned_weight(dtype, g, 48, 40))
         linear.weight[linear.weight == 0] = -0.0
     keep = linear.weight != 0
-    unit = nn.Sequential(nn.LayerNorm(40), _Unit(linear)).to(dtype)
+    unit = nn.Sequential(nn.LayerNorm(40), OneLinearUnit(linear)).to(dtype)
     attachment = make_correction(name).attach(unit, ["1.proj"], CorrectionOptions(rank=4), g)
     with torch.no_grad():
         for parameter in attachment.trainable:
@@ -171,7 +163,7 @@ def test_a_kept_weight_that_is_exactly_zero_counts_as_pruned():
     with torch.no_grad():
         linear.weight.fill_(1.0)
         linear.weight[0, 0] = 0.0
-    unit = _Unit(linear)
+    unit = OneLinearUnit(linear)
     attachment = make_correction("masklora").attach(unit, {"proj": torch.ones(3, 4, dtype=torch.bool)},
                                                     CorrectionOptions(rank=2, alpha=2.0), torch.Generator())
     with torch.no_grad():
