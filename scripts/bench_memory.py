@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -132,6 +131,7 @@ class RssSampler:
         self.interval = interval
         self.peak = 0
         self.series: list[tuple[float, int]] = []
+        self.child_peaks: dict[int, int] = {}  # each direct child's own peak (torchrun's ranks)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = time.perf_counter()
@@ -143,6 +143,8 @@ class RssSampler:
             try:
                 rss = self.process.memory_info().rss + sum(
                     c.memory_info().rss for c in self.process.children(recursive=True))
+                for child in self.process.children(recursive=False):
+                    self.child_peaks[child.pid] = max(self.child_peaks.get(child.pid, 0), child.memory_info().rss)
             except psutil.Error:
                 break
             self.peak = max(self.peak, rss)
@@ -167,7 +169,8 @@ def measure(command: list[str], log_path: Path) -> dict:
     wall = time.perf_counter() - started
     if rc != 0:
         raise SystemExit(f"{' '.join(command)} failed (exit {rc}); see {log_path}:\n{log_path.read_text()[-3000:]}")
-    return {"wall_s": round(wall, 1), "peak_rss_sampled": sampler.peak, "series": sampler.series}
+    return {"wall_s": round(wall, 1), "peak_rss_sampled": sampler.peak, "series": sampler.series,
+            "child_peaks": sorted(sampler.child_peaks.values(), reverse=True)}
 
 
 def baseline_rss(model: Path) -> int:
@@ -207,9 +210,14 @@ def retrain_runs(args, workdir: Path, model: Path, calib: Path, name: str) -> in
     for params in args.params.split(","):
         for checkpointing in args.checkpointing.split(","):
             run = f"{params} checkpointing {checkpointing}"
-            out = workdir / f"retrained-{name}-{params}-{checkpointing}"
-            command = [sys.executable, "-m", "reconstruct", "retrain", str(pruned), "--out", str(out),
-                       "--params", params, "--steps", str(args.retrain_steps), "--batch-size", "1",
+            out = workdir / f"retrained-{name}-{params}-{checkpointing}-ranks{args.fsdp_ranks}"
+            ranks = args.fsdp_ranks
+            # Under torchrun each rank a process of its own, one window each, the weights sharded
+            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                         str(ranks)] if ranks > 1 else [sys.executable])
+            command = [*launcher, "-m", "reconstruct", "retrain", str(pruned), "--out", str(out),
+                       *(["--fsdp"] if ranks > 1 else []),
+                       "--params", params, "--steps", str(args.retrain_steps), "--batch-size", str(ranks),
                        "--grad-accum", "1", "--seqlen", str(args.retrain_seqlen), "--eval-windows", "1",
                        "--save-every", "0", "--data", str(calib), "--device", "cpu", "--overwrite",
                        "--cache-dir", str(workdir / "cache"),
@@ -221,7 +229,9 @@ def retrain_runs(args, workdir: Path, model: Path, calib: Path, name: str) -> in
             result.update(command=" ".join(command), peak_rss_self=report["totals"]["peak_host_rss_bytes"],
                           plan_host_peak=plan["host_peak_bytes"], plan_host_moment=plan["host_peak_moment"],
                           plan_host_moments=plan["host_moments"])
-            result["peak"] = max(result["peak_rss_sampled"], result["peak_rss_self"])
+            # Under torchrun the peak that counts is one rank's (its own process), not the sum of all
+            result["peak"] = (result["child_peaks"][0] if args.fsdp_ranks > 1
+                              else max(result["peak_rss_sampled"], result["peak_rss_self"]))
             peak_at = max(result["series"], key=lambda point: point[1])[0] if result["series"] else None
             result["peak_at_s"] = peak_at
             runs[run] = result
@@ -263,7 +273,10 @@ def main(argv=None) -> int:
     retraining.add_argument("--retrain-steps", type=int, default=1)
     retraining.add_argument("--retrain-seqlen", type=int, default=256)
     retraining.add_argument("--retrain-target", type=float, default=1.5,
-                            help="masklora's peak RSS / checkpoint size to meet")
+                            help="masklora's peak RSS / checkpoint size to meet (per rank with --fsdp-ranks)")
+    retraining.add_argument("--fsdp-ranks", type=int, default=1,
+                            help="run `retrain --fsdp` under torchrun on this many local processes and report "
+                            "the largest rank's own peak (default: 1, one process without --fsdp)")
     shape = parser.add_argument_group("model shape (default: the ~1B model above)")
     shape.add_argument("--hidden", type=int, default=MODEL["hidden_size"])
     shape.add_argument("--intermediate", type=int, default=MODEL["intermediate_size"])

@@ -550,3 +550,22 @@ def test_a_second_retrain_into_the_same_out_fails_at_once(uninterrupted, pruned_
     assert first.returncode == 0, stderr.decode()[-2000:]
     for shard in sorted(uninterrupted.glob("*.safetensors")):
         assert shard.read_bytes() == (out / shard.name).read_bytes(), shard.name
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_rank_without_validation_windows_runs_no_empty_pass(sharded, monkeypatch):
+    """--eval-windows 1 on 2 ranks: rank 0's share is empty. It used to run a pass on an empty batch
+    (the model failed reshaping 0 elements); it runs none, or under --fsdp only the uncounted passes
+    that keep its collectives in step with the busiest rank."""
+    from types import SimpleNamespace
+
+    from reconstruct import distributed
+    from reconstruct.retraining.trainer import Retrainer
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    trainer = SimpleNamespace(config=SimpleNamespace(micro_batch_size=1), sharded=sharded, device="cpu")
+    windows = torch.arange(8).reshape(1, 8)
+    passes = Retrainer.passes(trainer, windows)
+    assert all(len(ids) for ids, _ in passes)
+    assert [counted for _, counted in passes] == ([False] if sharded else [])

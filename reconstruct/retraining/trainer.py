@@ -191,7 +191,8 @@ class Retrainer:
         whose results are not counted."""
         size = self.config.micro_batch_size
         own = distributed.shard(len(windows))
-        passes = [(micro, True) for micro in windows[own.start:own.stop].split(size)]
+        # (an empty share splits into one empty tensor, which no model can run: no pass at all)
+        passes = [(micro, True) for micro in windows[own.start:own.stop].split(size) if len(micro)]
         if self.sharded:
             busiest = math.ceil(math.ceil(len(windows) / distributed.world_size()) / size)
             passes += [(windows[:1], False)] * (busiest - len(passes))
