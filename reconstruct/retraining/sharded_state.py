@@ -51,8 +51,12 @@ def save_sharded_tensors(run_dir: RunDirectory, parameters: list[torch.nn.Parame
     from safetensors.torch import save_file
 
     name = directory_name(step)
-    distributed.on_main(lambda: shutil.rmtree(run_dir.work / name, ignore_errors=True), "clearing the state")
-    distributed.on_main(lambda: (run_dir.work / name).mkdir(parents=True), "making the state's directory")
+
+    def fresh_directory():  # a directory a killed save of the same step left behind is replaced
+        shutil.rmtree(run_dir.work / name, ignore_errors=True)
+        (run_dir.work / name).mkdir(parents=True)
+
+    distributed.on_main(fresh_directory, "making the state's directory")
     tensors = {}
     for i, parameter in enumerate(parameters):
         tensors[f"trainable.{i}"] = _local(parameter.detach())
