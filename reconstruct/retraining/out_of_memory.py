@@ -3,6 +3,7 @@
 command's own flags. Never a traceback: the user's next step is a setting."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -14,6 +15,7 @@ from ..memory import DeviceMemoryError
 from ..plan import DoesNotFitError, PlanError, PlanSettings, choose
 from ..plan.choose import needed
 from ..plan.render import size
+from .planning import settings_for
 from .state import saved_step
 
 # When the plan cannot help (a model it cannot shape, say): the settings that lower the device's need
@@ -30,13 +32,10 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def plan_settings(config: RetrainConfig, world_size: int, device: torch.device) -> PlanSettings:
-    """The run's settings as the plan takes them, with the micro-batch and checkpointing left to the
-    planner: the ones given did not fit."""
-    return PlanSettings(params=config.params, rank=config.rank, seqlen=config.seqlen, batch_size=config.batch_size,
-                        dtype=config.dtype, world_size=world_size, fsdp=config.fsdp,
-                        offload="cpu" if config.offload == "cpu" and device.type == "cuda" else None,
-                        teacher=bool(config.teacher), steps=config.steps, eval_windows=config.eval_windows,
-                        device="cuda" if device.type == "cuda" else "cpu")
+    """The run's settings as its plan took them (planning.settings_for), with the micro-batch and
+    checkpointing left to the planner: the ones given did not fit."""
+    return dataclasses.replace(settings_for(config, config.dtype, None, device, world_size),
+                               micro_batch=None, gradient_checkpointing=None)
 
 
 def given_settings(config: RetrainConfig) -> str:

@@ -43,16 +43,24 @@ def memory_budget(config: RetrainConfig, device: torch.device) -> int:
 def plan_settings(config: RetrainConfig, adapter: ModelAdapter, teacher: ModelAdapter | None,
                   device: torch.device) -> PlanSettings:
     """The run's settings as the planner takes them; what the user left open stays None."""
+    return settings_for(config, str(adapter.storage_dtype).removeprefix("torch."),
+                        None if teacher is None else teacher.model.config, device, distributed.world_size())
+
+
+def settings_for(config: RetrainConfig, dtype: str | None, teacher_config, device: torch.device,
+                 world_size: int) -> PlanSettings:
+    """`config` as PlanSettings for `world_size` ranks (`dtype`: the frozen weights', None for the
+    model config's; `teacher_config`: None for the student's shape). What the user left open
+    (`--grad-accum`, `--gradient-checkpointing`) stays None for the planner to choose."""
     micro_batch = None if config.grad_accum is None else config.batch_size // config.grad_accum
     return PlanSettings(
         params=config.params, rank=config.rank, seqlen=config.seqlen, batch_size=config.batch_size,
         micro_batch=micro_batch, gradient_checkpointing=config.gradient_checkpointing,
-        dtype=str(adapter.storage_dtype).removeprefix("torch."), world_size=distributed.world_size(),
+        dtype=dtype, world_size=world_size,
         fsdp=config.fsdp or (config.offload == "cpu" and device.type == "cpu"),  # FSDP2 holds them either way
         # On the CPU the parameters are in host memory already: --offload cpu changes only who holds them
         offload="cpu" if config.offload == "cpu" and device.type != "cpu" else None,
-        teacher=teacher is not None,
-        teacher_config=None if teacher is None else teacher.model.config,
+        teacher=bool(config.teacher), teacher_config=teacher_config,
         teacher_on_device=(config.teacher_device or config.device) == config.device,
         kl_chunk_tokens=KL_CHUNK_TOKENS, steps=config.steps, eval_windows=config.eval_windows,
         saves_state=config.save_every > 0,
