@@ -302,14 +302,14 @@ def on_main(fn: Callable[[], T], what: str) -> T:
 
 # --------------------------------------------------------------------------------------------------
 # A model sharded across ranks (FSDP2, `retrain --fsdp`): each rank holds 1/N of every parameter
-def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device: torch.device,
+def shard_model(model: nn.Module, units: Iterable[nn.Module], device: torch.device,
                 offload: bool = False) -> None:
     """Shard `model`'s parameters (frozen and trainable) and buffers across ranks on `device`: each
-    block is one FSDP2 unit, gathered whole just for its own forward and backward, and the rest
-    (embeddings, final norm, head) is the root's unit. One process: nothing happens, unless
-    `offload`: then, on any number of processes (a group of one included), the shards, their
-    gradients and the optimiser's step stay in host memory (FSDP2's CPUOffloadPolicy) and each unit
-    is copied to `device` only for its forward and backward.
+    of `units` (the blocks, the embeddings, the head) is one FSDP2 unit, gathered whole just for its
+    own forward and backward, and the rest (the final norm) is the root's unit. One process:
+    nothing happens, unless `offload`: then, on any number of processes (a group of one included),
+    the shards, their gradients and the optimiser's step stay in host memory (FSDP2's
+    CPUOffloadPolicy) and each unit is copied to `device` only for its forward and backward.
 
     FSDP2 allows frozen and trainable parameters in one unit (only the trainable ones get gradients,
     and those must share a dtype: the corrections' fp32 parameters do). Gradients are summed, not
@@ -324,8 +324,8 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device: torch.dev
     mesh = init_device_mesh(device.type, (world_size(),))
     # Pinned host memory makes the copies to an accelerator asynchronous; there is none to pin for on the CPU
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
-    for block in blocks:
-        fully_shard(block, mesh=mesh, offload_policy=policy)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
     fully_shard(model, mesh=mesh, offload_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -206,7 +206,8 @@ def test_llama2_70b_offloaded_to_the_host():
     saved = llama_saved_per_token(8192, 1024, 64, 28672)
     assert "frozen weights (bf16)" not in [i.name for i in plan.items]  # nothing resident on the device
     device = {
-        "gathered: embeddings, head, final norm": (2 * 32000 * 8192 + 8192) * 2,
+        # untied: the head and the embeddings are FSDP units of their own, gathered one at a time
+        "gathered: the head (or the embeddings), final norm": (32000 * 8192 + 8192) * 2,
         "gathered: 2 blocks": 2 * (block * 2 + per_block_trainable * 4),
         "a block's gradients before reduce-scatter": per_block_trainable * 4,
         "block inputs kept by checkpointing": 80 * 2 * 8192 * tokens,
@@ -218,13 +219,27 @@ def test_llama2_70b_offloaded_to_the_host():
     }
     for name, value in device.items():
         assert item(plan, name) == value, name
-    assert plan.peak() == (LAST_BLOCK, sum(device.values()))
+    # the head is gathered for its own forward and backward, at the loss; not while the blocks' run
+    assert plan.peak() == (LAST_BLOCK, sum(v for n, v in device.items() if not n.startswith("gathered: the head")))
     assert plan.peak_bytes < 20 * GiB
     host = plan.moments("host")
     runtime_and_windows = int(2.4 * GiB) + (1000 * 8 + 16) * 2048 * 8
     shard = 68_976_648_192 * 2
     assert host[SAVING] == runtime_and_windows + shard + (4 + 4 + 8) * trainable + 12 * trainable
     assert plan.peak("host") == (SAVING, host[SAVING])
+
+
+def test_a_tied_head_is_gathered_with_the_root_for_the_whole_pass():
+    """A tied head shares the embeddings' parameter, which only one FSDP unit can hold: the root's,
+    gathered from the forward to the end of the backward (retraining/sharding.vocabulary_units)."""
+    tied = llama2_7b()
+    tied.tie_word_embeddings = True
+    plan = estimate(tied, settings(world_size=2, fsdp=True, gradient_checkpointing=True))
+    assert item(plan, "gathered: embeddings (the head's too), final norm") == (32000 * 4096 + 4096) * 2
+    assert LAST_BLOCK in next(i for i in plan.items if i.name.startswith("gathered: embeddings")).moments
+    untied = estimate(llama2_7b(), settings(world_size=2, fsdp=True, gradient_checkpointing=True))
+    head = next(i for i in untied.items if i.name.startswith("gathered: the head"))
+    assert head.bytes == (32000 * 4096 + 4096) * 2 and head.moments == (LOSS,)
 
 
 def test_llama2_70b_fsdp_over_8_devices_divides_parameters_gradients_and_optimizer_state():

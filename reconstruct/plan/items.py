@@ -57,8 +57,13 @@ def device_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype:
         if not offload:
             add("frozen weights: this rank's shard", shape.total_params * w / shards, DEVICE_MOMENTS,
                 f"{quantity(shape.total_params)} × {w} B{divided}")
-        add("gathered: embeddings, head, final norm (FSDP's root)", shape.outside_params * w, FORWARD_BACKWARD,
-            f"{quantity(shape.outside_params)} × {w} B, whole from the forward to the end of the backward")
+        if shape.head_params:  # untied: the head, gathered for its forward and backward (at the loss)
+            add("gathered: the head (or the embeddings), final norm", shape.gathered_outside_params * w, (LOSS,),
+                f"{quantity(shape.gathered_outside_params)} × {w} B, one vocabulary unit at a time")
+        else:  # tied: the root's, whole from the forward to the end of the backward
+            add("gathered: embeddings (the head's too), final norm (FSDP's root)", shape.outside_params * w,
+                FORWARD_BACKWARD, f"{quantity(shape.outside_params)} × {w} B, whole from the forward to the "
+                "end of the backward")
         add(f"gathered: {GATHERED_BLOCKS} blocks (the computed, the prefetched)",
             GATHERED_BLOCKS * (shape.block_params * w + per_block * 4), FORWARD_BACKWARD,
             f"{GATHERED_BLOCKS} × ({quantity(shape.block_params)} × {w} B + {quantity(per_block)} trainable × 4 B)")

@@ -90,8 +90,17 @@ class ModelShape:
 
     @property
     def outside_params(self) -> int:
-        """Embeddings, positions, final norm and head: FSDP's root unit."""
+        """Embeddings, positions, final norm and head: everything outside the blocks."""
         return self.embedding_params + self.head_params + self.final_norm_params
+
+    @property
+    def gathered_outside_params(self) -> int:
+        """What FSDP2 holds gathered outside the blocks at most: an untied head and the embeddings
+        are units of their own, gathered one at a time (retraining/sharding.vocabulary_units), beside
+        the root's final norm; a tied pair is the root's, with everything else outside the blocks."""
+        if not self.head_params:
+            return self.outside_params
+        return max(self.embedding_params, self.head_params) + self.final_norm_params
 
     @property
     def total_params(self) -> int:

@@ -42,5 +42,17 @@ def shard_trainable(model: nn.Module, trainable: list[nn.Parameter], blocks,
     laid out as on one process."""
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     trainable_names = [names[id(p)] for p in trainable]
-    distributed.shard_model(model, blocks, device, offload=offload)
+    distributed.shard_model(model, [*blocks, *vocabulary_units(model)], device, offload=offload)
     return [model.get_parameter(name) for name in trainable_names]
+
+
+def vocabulary_units(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings and the output head, each an FSDP2 unit of its own where they are not
+    tied. FSDP2 keeps the root's parameters gathered from the forward to the end of the backward: as
+    the root's, both vocabulary-sized matrices would be whole on every rank for the whole pass (0.26 GB
+    at 1B, 1 GB for LLaMA-2-70B); as units of their own each is gathered just for its passes, one at a time.
+    A tied pair shares one parameter, which can belong to one unit only: it stays the root's."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is embeddings.weight:
+        return []
+    return [embeddings, head]
