@@ -5,27 +5,21 @@ Each item is held at some moments of a step; the peak is the largest sum of what
 them, on the device (per rank) and on the host (per rank):
 
     logits and loss               every block's saved activations (or, with checkpointing, every
-                                  block's input), the logits, the loss's fp32 log-softmax and gradients
+                                  block's input), the logits, the loss's fp32 chunk and gradients
     backward of the last block    the same activations, that block's recomputed ones (checkpointing),
                                   the gradients flowing through it, one linear's effective weight
     backward of the first block   every gradient; one block's activations
     optimizer step                every gradient, AdamW's moments and its step's temporaries
 
-What is counted follows the code of retrain.py, corrections/ and distributed.py (autocast to the
-weights' half precision, fp32 trainable parameters, FSDP2 sharding parameters, gradients and optimiser
-state; keep-masks that cost nothing, computed as `weight != 0` where they are used; one linear's
-effective weight at a time, formed again in its backward pass (corrections/effective.py); the KL
-term of distillation in chunks of `kl_chunk_tokens` tokens; the gradients of several processes
-without FSDP all-reduced in fp32 buckets, distributed.sum_gradients), except where issue 18 sets a design
-target that the code does not meet yet; those places are:
-
-  - `--offload cpu`: FSDP2's CPUOffloadPolicy (parameters, gradients and AdamW on the host, the
-    step on the CPU), on one process or many; `--offload` does not exist yet.
-  - under FSDP each rank reads only its own shards; the training state is saved by rank 0 (sharded
-    under FSDP), not gathered on every rank's host.
-
-The loss is counted as the code computes it today (a whole fp32 log-softmax of the micro-batch), and
-retrain.train_step holds the logits until backward ends.
+What is counted follows the code of retraining/, corrections/ and distributed.py: autocast to the
+weights' half precision, fp32 trainable parameters; FSDP2 sharding parameters, gradients and optimiser
+state, gathering one block (and prefetching the next) and one vocabulary-sized unit at a time,
+offloading to the host with `--offload cpu`; keep-masks that cost nothing, computed as `weight != 0`
+where they are used; one linear's effective weight at a time, formed again in its backward pass
+(corrections/effective.py); the next-token loss and the KL term of distillation in chunks of
+`loss_chunk_tokens` tokens (retraining/losses.py); the gradients of several processes without FSDP
+all-reduced in fp32 buckets (distributed.sum_gradients); retraining.trainer holding the logits until
+the backward ends.
 """
 from __future__ import annotations
 

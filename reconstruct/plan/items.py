@@ -28,10 +28,8 @@ def transient_bytes_per_weight(compute_bytes: int) -> int:
     return 4 + 1 + compute_bytes
 
 
-def loss_bytes_per_logit(compute_bytes: int) -> int:
-    """The logits (compute dtype) and, in the loss's backward, its three fp32 [tokens × vocabulary]
-    tensors: the log-softmax it saved, the gradient coming in, the gradient going out."""
-    return compute_bytes + 3 * 4
+LOSS_TEMPORARIES = 2         # fp32 [chunk × vocabulary] tensors of one next-token loss chunk: the
+                             # logits' upcast and their (log-)softmax
 
 
 def device_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype: str,
@@ -111,8 +109,10 @@ def device_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype:
 
     # The logits and the loss
     logits = tokens * shape.vocab
-    add("logits and the loss (fp32 log-softmax and gradients)", logits * loss_bytes_per_logit(c), (LOSS,),
-        f"{tokens} tokens × {shape.vocab} × ({c} + 3 × 4) B")
+    add("logits and their gradient", logits * 2 * c, (LOSS,), f"{tokens} tokens × {shape.vocab} × 2 × {c} B")
+    chunk = min(s.loss_chunk_tokens, s.seqlen)
+    add("the next-token loss, in chunks of tokens", LOSS_TEMPORARIES * 4 * chunk * shape.vocab, (LOSS,),
+        f"{LOSS_TEMPORARIES} × {chunk} tokens × {shape.vocab} × 4 B (fp32)")
     add("logits, held until the backward ends", logits * c, (LAST_BLOCK, FIRST_BLOCK),
         f"{tokens} × {shape.vocab} × {c} B (retrain.train_step's `logits`)")
     if s.teacher:
@@ -141,7 +141,7 @@ def teacher_device_items(teacher: ModelShape, s: PlanSettings, w: int, tokens: i
             f"{block} B per token × {tokens} tokens")
     logits = tokens * teacher.vocab
     add("teacher's logits for the micro-batch", logits * c, (LOSS,), f"{tokens} × {teacher.vocab} × {c} B")
-    chunk = min(s.kl_chunk_tokens, tokens)
+    chunk = min(s.loss_chunk_tokens, s.seqlen)
     add("KL(teacher ‖ student), in chunks of tokens", KL_TEMPORARIES * 4 * chunk * teacher.vocab, (LOSS,),
         f"{KL_TEMPORARIES} × {chunk} tokens × {teacher.vocab} × 4 B")
     return items

@@ -52,7 +52,7 @@ class PlanSettings:
     teacher: bool = False            # distillation from a dense teacher
     teacher_config: object = field(default=None, compare=False)  # None: the student's shape
     teacher_on_device: bool = True   # False: --teacher-device puts its weights on another device
-    kl_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 1024
     steps: int = 1000
     eval_windows: int = 16
     saves_state: bool = True         # False: --save-every 0, no training state is ever saved
@@ -68,7 +68,7 @@ class PlanSettings:
         return (self.fsdp and self.world_size > 1) or self.offload == "cpu"
 
     def validate(self) -> "PlanSettings":
-        for name in ("rank", "seqlen", "batch_size", "world_size", "kl_chunk_tokens", "steps"):
+        for name in ("rank", "seqlen", "batch_size", "world_size", "loss_chunk_tokens", "steps"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Tokens whose next-token distributions the distillation term compares at a time: its fp32
-# temporaries are [KL_CHUNK_TOKENS × vocabulary] (the memory plan counts four of them), never
-# [tokens × vocabulary].
-KL_CHUNK_TOKENS = 1024
+# Tokens whose next-token distributions the losses handle at a time: their fp32 temporaries are
+# [LOSS_CHUNK_TOKENS × vocabulary] (the memory plan counts them), never [tokens × vocabulary]: at 7B,
+# 8 windows of 2048 tokens and a 128k vocabulary one such tensor would be 8 GiB.
+LOSS_CHUNK_TOKENS = 1024
 
 
-def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Σ over predicted tokens of −log p(next token): a sum, divided once by the batch's token count."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                       reduction="sum")
+def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Σ over predicted tokens of −log p(next token): a sum, divided once by the batch's token count.
+    Computed `chunk_tokens` tokens at a time in fp32."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
+    return ChunkedNextTokenLoss.apply(logits, ids, chunk_tokens)
 
 
 def _predicting_chunks(logits: torch.Tensor, chunk_tokens: int):
@@ -23,6 +25,40 @@ def _predicting_chunks(logits: torch.Tensor, chunk_tokens: int):
     for window in range(logits.shape[0]):
         for start in range(0, logits.shape[1] - 1, chunk_tokens):
             yield window, slice(start, min(start + chunk_tokens, logits.shape[1] - 1))
+
+
+def _next_tokens(ids: torch.Tensor, window: int, positions: slice) -> torch.Tensor:
+    """The tokens that `positions` of `window` predict: each position's successor."""
+    return ids[window, positions.start + 1:positions.stop + 1]
+
+
+class ChunkedNextTokenLoss(torch.autograd.Function):
+    """Σ −log p(next token) over predicted tokens, a chunk of tokens at a time in fp32. Saves the
+    logits (in their dtype) and the ids; the backward recomputes each chunk's softmax, where the
+    gradient is softmax − one-hot(next token) per token. Whole, autograd kept the fp32 log-softmax of
+    every token from the forward to the backward, and made two more such tensors there."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, chunk_tokens: int):
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for window, positions in _predicting_chunks(logits, chunk_tokens):
+            total += nn.functional.cross_entropy(logits[window, positions].float(),
+                                                 _next_tokens(ids, window, positions), reduction="sum")
+        ctx.chunk_tokens = chunk_tokens
+        ctx.save_for_backward(logits, ids)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)  # the last position of each window predicts nothing
+        for window, positions in _predicting_chunks(logits, ctx.chunk_tokens):
+            chunk = nn.functional.softmax(logits[window, positions].float(), dim=-1)
+            targets = _next_tokens(ids, window, positions)
+            chunk[torch.arange(len(targets), device=chunk.device), targets] -= 1
+            grad_logits[window, positions] = chunk.mul_(grad)
+            del chunk
+        return grad_logits, None, None
 
 
 class ChunkedDistillation(torch.autograd.Function):
@@ -56,7 +92,7 @@ class ChunkedDistillation(torch.autograd.Function):
 
 
 def distillation_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     chunk_tokens: int = KL_CHUNK_TOKENS) -> torch.Tensor:
+                     chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """Σ over predicted tokens of KL(teacher ‖ student) on the next-token distributions, computed
     `chunk_tokens` tokens at a time (no [tokens × vocabulary] fp32 tensor is made whole)."""
     if chunk_tokens < 1:

@@ -14,7 +14,7 @@ from .. import distributed
 from ..config import RetrainConfig
 from ..models import ModelAdapter
 from ..plan import DoesNotFitError, Plan, PlanError, PlanSettings, choose
-from .losses import KL_CHUNK_TOKENS
+from .losses import LOSS_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def settings_for(config: RetrainConfig, dtype: str | None, teacher_config, devic
         offload="cpu" if config.offload == "cpu" and device.type != "cpu" else None,
         teacher=bool(config.teacher), teacher_config=teacher_config,
         teacher_on_device=(config.teacher_device or config.device) == config.device,
-        kl_chunk_tokens=KL_CHUNK_TOKENS, steps=config.steps, eval_windows=config.eval_windows,
+        loss_chunk_tokens=LOSS_CHUNK_TOKENS, steps=config.steps, eval_windows=config.eval_windows,
         saves_state=config.save_every > 0,
         device="cpu" if device.type == "cpu" else "cuda")
 
