@@ -12,7 +12,7 @@ from . import distributed
 from .config import (DTYPES, GRANULARITIES, RETRAIN_DEFAULT_LR, RETRAIN_OFFLOAD, RETRAIN_PARAMS, TARGETS,
                      RetrainConfig, RunConfig, default_device)
 from .corrections import choices as correction_choices
-from .failures import EXIT_BAD_INPUT, EXIT_FAILED, report_failure
+from .failures import EXIT_FAILED, report_failure
 from .model_card import command_line
 from .pruning import METHODS
 from .timing import process_age_seconds

@@ -48,7 +48,6 @@ def retrain_command(pruned: Path, out: Path, text: Path, cache: Path) -> list[st
 
 def test_fsdp_reads_its_shards_and_writes_block_by_block(large_pruned, sample_text):
     root, pruned = large_pruned
-    checkpoint = sum(f.stat().st_size for f in pruned.glob("*.safetensors"))
     one = subprocess.run([sys.executable, "-m", "reconstruct",
                           *retrain_command(pruned, root / "one", sample_text, root / "cache")],
                          capture_output=True, text=True, env=environment(), timeout=600)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from reconstruct.plan import DoesNotFitError, PlanError, PlanSettings, choose, estimate, model_shape
-from reconstruct.plan.settings import LAST_BLOCK, LOSS, SAVING, STEP
+from reconstruct.plan.settings import LAST_BLOCK, LOADING, LOSS, SAVING, STEP, TRAINING, WRITING
 
 GiB = 2**30
 RANK = 16
@@ -243,6 +243,20 @@ def test_a_tied_head_is_gathered_with_the_root_for_the_whole_pass():
     untied = estimate(llama2_7b(), settings(world_size=2, fsdp=True, gradient_checkpointing=True))
     head = next(i for i in untied.items if i.name.startswith("gathered: the head"))
     assert head.bytes == (32000 * 4096 + 4096) * 2 and head.moments == (LOSS,)
+
+
+def test_on_the_cpu_under_fsdp_each_rank_holds_its_shards_not_the_model():
+    """The CPU is the device: a rank's host holds its shards (loading, writing) and the step's memory,
+    and rank 0 one gathered block, or the embeddings and head, on its way to the writer."""
+    plan = estimate(llama2_7b(), settings(world_size=2, fsdp=True, gradient_checkpointing=True, device="cpu",
+                                          saves_state=False))
+    host = plan.moments("host")
+    runtime_and_windows = int(0.4 * GiB) + (1000 * 8 + 16) * 2048 * 8
+    shard, trainable = 6_738_415_616 * 2 // 2, 39_976_960
+    assert host[LOADING] == runtime_and_windows + shard
+    assert host[TRAINING] == runtime_and_windows + plan.peak_bytes
+    assert host[WRITING] == runtime_and_windows + shard + 12 * trainable // 2 + (2 * 32000 * 4096 + 4096) * 2
+    assert max(host.values()) < 6_738_415_616 * 2  # no moment holds the whole model
 
 
 def test_llama2_70b_fsdp_over_8_devices_divides_parameters_gradients_and_optimizer_state():

@@ -167,11 +167,21 @@ def host_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype: s
     save = 12 * total / shards
     if s.device == "cpu":
         add("the step's memory (the CPU is the device)", device_peak, (TRAINING,), "the device's peak")
-        add("frozen weights, read in place", shape.total_params * w, (LOADING, SAVING, WRITING),
-            f"{quantity(shape.total_params)} × {w} B")
-        add("trainable parameters and AdamW moments", 12 * total, (SAVING, WRITING), f"{quantity(total)} × 12 B")
+        if s.sharded:  # each rank holds its shards; rank 0 gathers one block at a time to write it
+            add("frozen weights: this rank's shard", shape.total_params * w / shards, (LOADING, SAVING, WRITING),
+                f"{quantity(shape.total_params)} × {w} B{divided}")
+            add("trainable parameters and AdamW moments: this rank's shard", 12 * total / shards,
+                (SAVING, WRITING), f"{quantity(total)} × 12 B{divided}")
+            largest = max(shape.block_params, shape.outside_params)
+            add("one gathered block (or the rest) on its way to the writer", largest * w, (WRITING,),
+                f"{quantity(largest)} × {w} B, on rank 0")
+        else:
+            add("frozen weights, read in place", shape.total_params * w, (LOADING, SAVING, WRITING),
+                f"{quantity(shape.total_params)} × {w} B")
+            add("trainable parameters and AdamW moments", 12 * total, (SAVING, WRITING), f"{quantity(total)} × 12 B")
         if s.saves_state:
-            add("the training state's copy, to save", save, (SAVING,), f"{quantity(total)} × 12 B")
+            add("the training state's copy, to save" + (" (its shard)" if shards > 1 else ""), save, (SAVING,),
+                f"{quantity(total)} × 12 B{divided}")
         return items
     offload = s.offload == "cpu"
     largest_load = max(shape.total_params, teacher.total_params if s.teacher else 0)
