@@ -131,7 +131,8 @@ def high_water_mark() -> int:
 def measure(args) -> dict:
     """In this process: one pass, measured the way `args.how` says."""
     import torch
-    from torch.nn import functional as F
+
+    from reconstruct.retraining.losses import next_token_loss_sum
 
     config, model = build(args)
     ids = torch.randint(0, args.vocab, (1, args.seqlen))
@@ -139,8 +140,7 @@ def measure(args) -> dict:
     def one_pass():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-        loss.backward()
+        next_token_loss_sum(logits, ids).backward()  # retrain's own loss
 
     if args.how == "live":
         tracker = live_tensor_tracker(model)

@@ -2,6 +2,8 @@
 granularity and target end to end with exact sparsity."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -302,3 +304,26 @@ def test_default_target_and_alpha_follow_the_granularity_and_rank():
         RunConfig(model="m", out="o", granularity="linear", target="dense").validate()
     with pytest.raises(ConfigError, match="alpha must be positive"):
         RunConfig(model="m", out="o", alpha=0).validate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory read from /proc")
+def test_full_makes_no_copy_of_weights_not_read_yet():
+    """Under FSDP the frozen weights are placeholders until each rank reads its shards' rows: `full`'s
+    fp32 masters are placeholders too (filled from the checkpoint the same way), not a whole fp32 copy
+    per rank. A 128 MiB master made resident would show in the process's memory."""
+    import psutil
+
+    linear = nn.Linear(4096, 8192, bias=False)
+    linear.weight = nn.Parameter(torch.empty(8192, 4096, dtype=torch.bfloat16), requires_grad=False)
+    unit = OneLinearUnit(linear)
+    before = psutil.Process().memory_info().rss
+    attachment = make_correction("full").attach(unit, ["proj"], CorrectionOptions(weights_unread=True),
+                                                torch.Generator())
+    risen = psutil.Process().memory_info().rss - before
+    (master,) = attachment.trainable
+    assert master.shape == (8192, 4096) and master.dtype == torch.float32
+    assert risen < 16 * 2**20, risen
+    copied = make_correction("full").attach(OneLinearUnit(nn.Linear(4096, 8192, bias=False).bfloat16()), ["proj"],
+                                            CorrectionOptions(), torch.Generator())
+    assert psutil.Process().memory_info().rss - before > 100 * 2**20  # the check can fail: a copy is resident
+    del copied

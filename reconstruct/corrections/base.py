@@ -55,6 +55,9 @@ class CorrectionOptions:
     rank: int = 16
     alpha: float = 32.0
     parameter_access: ParameterAccess = ParameterAccess()  # how merged_view() reaches trained parameters
+    # The frozen weights are not read yet (retrain under FSDP: each rank reads its shards' rows after
+    # sharding): a copy of a weight is made as a placeholder too, and filled from the checkpoint.
+    weights_unread: bool = False
 
 
 class Attachment:

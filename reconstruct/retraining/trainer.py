@@ -60,7 +60,8 @@ class Retrainer:
         self.correction = make_correction(config.params)
         # Under --fsdp the corrections reach the parameters FSDP holds as shards their own way
         access = ShardedParameterAccess() if self.sharded else ParameterAccess()
-        self.options = CorrectionOptions(rank=config.rank, alpha=config.lora_alpha, parameter_access=access)
+        self.options = CorrectionOptions(rank=config.rank, alpha=config.lora_alpha, parameter_access=access,
+                                         weights_unread=self.sharded)
         self.attachment = None  # the correction, once attached (prepare_training)
 
     # -- set-up: every check before any work -----------------------------------------------------------
