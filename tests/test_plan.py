@@ -172,7 +172,6 @@ def test_llama2_7b_masklora_with_checkpointing_item_by_item():
         "one linear's effective weight": 4096 * 11008 * (4 + 1 + 2),  # fp32 sum, bool mask, bf16 cast
         "logits and their gradient": tokens * 32000 * 2 * 2,
         "the next-token loss, in chunks of tokens": 2 * 1024 * 32000 * 4,  # fp32 upcast and softmax of a chunk
-        "logits, held until the backward ends": tokens * 32000 * 2,
     }
     for name, value in expected.items():
         assert item(plan, name) == value, name
@@ -183,10 +182,10 @@ def test_llama2_7b_masklora_with_checkpointing_item_by_item():
         "the next-token loss, in chunks of tokens"))
     assert moments[LAST_BLOCK] == resident + sum(expected[n] for n in (
         "block inputs kept by checkpointing", "one block's activations, recomputed", "activations outside the blocks",
-        "gradients flowing through one block", "one linear's effective weight", "logits, held until the backward ends"))
+        "gradients flowing through one block", "one linear's effective weight"))
     assert moments[STEP] == resident + 4 * trainable
     assert plan.peak() == (LAST_BLOCK, moments[LAST_BLOCK])
-    assert 14.5 * GiB < plan.peak_bytes < 14.6 * GiB
+    assert 14.4 * GiB < plan.peak_bytes < 14.5 * GiB
     assert plan.passes == 8
 
 
@@ -218,7 +217,6 @@ def test_llama2_70b_offloaded_to_the_host():
         "activations outside the blocks": ((4 * 8192 + 4) + 2 * 2 * 128) * tokens,
         "gradients flowing through one block": (2 * (2 * 8192 + 28672) + 4 * 8192) * tokens,
         "one linear's effective weight": 8192 * 28672 * 7,
-        "logits, held until the backward ends": tokens * 32000 * 2,
     }
     for name, value in device.items():
         assert item(plan, name) == value, name
@@ -298,8 +296,9 @@ def test_norm_and_full_change_what_is_trained_and_saved():
 # --------------------------------------------------------------------------------------------------
 # choose()
 def test_choose_fits_7b_on_24_gib_with_checkpointing_and_the_largest_micro_batch():
-    plan = choose(llama2_7b(), settings(), 24 * GiB)
-    usable = 0.9 * 24 * GiB
+    """22 GiB: what a 24 GB card (an L4, an A10G) leaves free (docs/memory.md)."""
+    plan = choose(llama2_7b(), settings(), 22 * GiB)
+    usable = 0.9 * 22 * GiB
     assert plan.gradient_checkpointing and plan.micro_batch == 4 and plan.grad_accum == 2
     assert plan.memory.peak_bytes <= usable
     assert estimate(llama2_7b(), settings(micro_batch=8, gradient_checkpointing=True)).peak_bytes > usable
@@ -380,7 +379,7 @@ def test_the_rendered_table_lists_every_item_and_the_peak():
     text = plan.render()
     for entry in plan.memory.items:
         assert entry.name in text
-    assert "micro-batch 4 (--grad-accum 2): chosen" in text
+    assert "micro-batch 8 (--grad-accum 1): chosen" in text
     assert text.count("<- peak") == 2  # the device's and the host's
 
 

@@ -18,8 +18,7 @@ offloading to the host with `--offload cpu`; keep-masks that cost nothing, compu
 where they are used; one linear's effective weight at a time, formed again in its backward pass
 (corrections/effective.py); the next-token loss and the KL term of distillation in chunks of
 `loss_chunk_tokens` tokens (retraining/losses.py); the gradients of several processes without FSDP
-all-reduced in fp32 buckets (distributed.sum_gradients); retraining.trainer holding the logits until
-the backward ends.
+all-reduced in fp32 buckets (distributed.sum_gradients); the logits freed by the loss's backward.
 """
 from __future__ import annotations
 

@@ -113,8 +113,6 @@ def device_items(shape: ModelShape, teacher: ModelShape, s: PlanSettings, dtype:
     chunk = min(s.loss_chunk_tokens, s.seqlen)
     add("the next-token loss, in chunks of tokens", LOSS_TEMPORARIES * 4 * chunk * shape.vocab, (LOSS,),
         f"{LOSS_TEMPORARIES} × {chunk} tokens × {shape.vocab} × 4 B (fp32)")
-    add("logits, held until the backward ends", logits * c, (LAST_BLOCK, FIRST_BLOCK),
-        f"{tokens} × {shape.vocab} × {c} B (retrain.train_step's `logits`)")
     if s.teacher:
         items += teacher_device_items(teacher, s, w, tokens)
     return items
