@@ -47,7 +47,7 @@ import torch
 
 from .. import distributed
 from ..config import RetrainConfig
-from ..memory import limit_heap_fragmentation
+from ..memory import ACTIVATION_MMAP_THRESHOLD_BYTES, MMAP_THRESHOLD_BYTES, limit_heap_fragmentation
 from ..models import open_model
 from ..plan import Plan
 from .inputs import open_teacher
@@ -58,11 +58,12 @@ from .trainer import Retrainer, RetrainResult, TrainingError
 def run(config: RetrainConfig, invocation: str | None = None) -> RetrainResult:
     """Run `config`; under torchrun, as one of several data-parallel processes. `invocation`: how the
     run was started (the command line, or the Python call), for the report and the model card."""
-    # Freed activations and per-linear temporaries go back to the system, not to a heap that stays
-    # resident under the writing phase's peak (memory.py; measured in docs/memory.md)
-    limit_heap_fragmentation()
     # --offload cpu is FSDP2's, which needs a process group even on one process: a group of one
     with distributed.process_group(config.device, single_process_group=config.offload == "cpu") as device:
+        # Freed activations and per-linear temporaries go back to the system, not to a heap that
+        # stays resident (memory.py; measured in docs/memory.md); on the CPU the activations too
+        limit_heap_fragmentation(ACTIVATION_MMAP_THRESHOLD_BYTES if torch.device(device).type == "cpu"
+                                 else MMAP_THRESHOLD_BYTES)
         return Retrainer(dataclasses.replace(config, device=device), invocation).run()
 
 

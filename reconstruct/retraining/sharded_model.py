@@ -28,7 +28,7 @@ from torch import nn
 from .. import distributed
 from ..checkpoint import CheckpointError, RunDirectory
 from ..corrections.base import LinearWrapper
-from ..memory import limit_heap_fragmentation, return_freed_memory
+from ..memory import return_freed_memory
 from ..models import ModelAdapter
 from ..tensors import keep_only, zero_count
 
@@ -101,8 +101,8 @@ def checkpoint_source(name: str, wrappers: set[str]) -> str:
 def fill_shards(model: nn.Module, adapter: ModelAdapter) -> None:
     """Every parameter that comes from the checkpoint: this rank's rows of it, read and copied into
     its shard. The correction's new parameters keep the values its attach gave them; no keep-mask is
-    made (each wrapper's is its frozen weight's zeros, corrections/effective.py)."""
-    limit_heap_fragmentation()  # each tensor's rows are read, copied and freed: returned to the system
+    made (each wrapper's is its frozen weight's zeros, corrections/effective.py). The rows read are
+    freed back to the system (retraining.run fixed glibc's mmap threshold)."""
     wrappers, done = wrapper_names(model), set()
     for module_name, module in model.named_modules():
         for leaf, parameter in module._parameters.items():
