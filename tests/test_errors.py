@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from calib import CalibrationError
 from reconstruct.checkpoint import CheckpointError, OutputError
 from reconstruct.config import ConfigError
-from reconstruct.cli import EXIT_BAD_INPUT, main
+from reconstruct.cli import main
+from reconstruct.failures import EXIT_BAD_INPUT
 from reconstruct.corrections import CorrectionError
 from reconstruct.models import UnsupportedModelError
 from reconstruct.pruning import PruningError

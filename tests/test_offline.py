@@ -13,7 +13,8 @@ import pytest
 
 import calib.hub
 from calib import CalibrationError, calibration_windows, eval_tokens, training_windows
-from reconstruct.cli import EXIT_BAD_INPUT, main
+from reconstruct.cli import main
+from reconstruct.failures import EXIT_BAD_INPUT
 from reconstruct.tiny import tiny_tokenizer
 
 SEQLEN = 16

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import RetrainConfig
 from ..corrections import Correction, CorrectionError, CorrectionOptions
+from ..fit import autocast_for
 from ..models import ModelAdapter, UnsupportedModelError, open_model, prunable_linears, tokenizer_for_data
 from ..tensors import zero_count
 from .sharded_model import placeholders, zero_counts
@@ -76,6 +77,14 @@ def load_teacher(config: RetrainConfig, teacher: ModelAdapter) -> nn.Module:
     model = teacher.load_all().to(config.teacher_device or config.device).eval()
     model.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The teacher's logits for `ids`, computed on its own device in its dtype, on the student's."""
+    teacher_device = next(teacher.parameters()).device
+    with autocast_for(teacher_device, next(teacher.parameters()).dtype):
+        return teacher(input_ids=ids.to(teacher_device), use_cache=False).logits.to(device)
 
 
 def training_data(config: RetrainConfig, adapter: ModelAdapter) -> tuple[torch.Tensor, torch.Tensor]:

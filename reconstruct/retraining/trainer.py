@@ -22,7 +22,7 @@ from ..models import UnsupportedModelError, open_model
 from ..progress import Progress
 from ..checkpoint import RunDirectory
 from .inputs import (check_correction_against_model, load_student, load_teacher, open_teacher, parameter_count,
-                     sparsity_of, training_data)
+                     sparsity_of, teacher_logits, training_data)
 from .planning import plan_for_run, with_plan
 from .losses import distillation_sum, next_token_loss_sum
 from .output import merge_if_not_worse, write_output
@@ -244,7 +244,7 @@ class Retrainer:
                 logits = self.model(input_ids=ids, use_cache=False).logits
             loss = next_token_loss_sum(logits, ids)
             if self.teacher is not None:
-                loss = loss + config.distill * distillation_sum(logits, self.teacher_logits(ids))
+                loss = loss + config.distill * distillation_sum(logits, teacher_logits(self.teacher, ids, self.device))
             # The losses saved the logits for their backward, which frees them; a name held here would
             # keep [tokens × vocabulary] until the whole backward ends (0.5 GiB at 7B, 8 × 2048 tokens)
             del logits
@@ -269,12 +269,6 @@ class Retrainer:
             training.optimizer.step()
         training.scheduler.step()
         return total
-
-    @torch.no_grad()
-    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        teacher_device = next(self.teacher.parameters()).device
-        with autocast_for(teacher_device, next(self.teacher.parameters()).dtype):
-            return self.teacher(input_ids=ids.to(teacher_device), use_cache=False).logits.to(self.device)
 
     @torch.no_grad()
     def heldout_loss(self) -> float:
