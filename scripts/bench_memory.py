@@ -229,9 +229,10 @@ def retrain_runs(args, workdir: Path, model: Path, calib: Path, name: str) -> in
             result.update(command=" ".join(command), peak_rss_self=report["totals"]["peak_host_rss_bytes"],
                           plan_host_peak=plan["host_peak_bytes"], plan_host_moment=plan["host_peak_moment"],
                           plan_host_moments=plan["host_moments"])
-            # Under torchrun the peak that counts is one rank's (its own process), not the sum of all
-            result["peak"] = (result["child_peaks"][0] if args.fsdp_ranks > 1
-                              else max(result["peak_rss_sampled"], result["peak_rss_self"]))
+            # Under torchrun the peak that counts is one rank's (its own process), not the sum of all:
+            # the largest rank's sampled peak, or rank 0's own high-water mark (a peak between samples)
+            result["peak"] = max(result["child_peaks"][0] if args.fsdp_ranks > 1 else result["peak_rss_sampled"],
+                                 result["peak_rss_self"])
             peak_at = max(result["series"], key=lambda point: point[1])[0] if result["series"] else None
             result["peak_at_s"] = peak_at
             runs[run] = result
