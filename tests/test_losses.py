@@ -10,11 +10,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reconstruct.retraining.losses import distillation_sum, next_token_loss_sum
 
 
+def whole_next_token_loss(logits, ids):
+    """The loss as it was computed before: one fp32 cross-entropy over every predicted token."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
 def whole_kl(student_logits, teacher_logits):
     """The term as it was computed before issue 18: two whole fp32 log-softmaxes."""
     student = nn.functional.log_softmax(student_logits[:, :-1].float(), dim=-1).flatten(0, 1)
     teacher = nn.functional.log_softmax(teacher_logits[:, :-1].float(), dim=-1).flatten(0, 1)
     return nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def losses(which: str, windows: int, length: int, vocab: int, dtype, generator):
+    """(chunked(logits, chunk), whole(logits)) for the loss `which`, given its other input (the next
+    tokens, or the teacher's logits), drawn from `generator`."""
+    if which == "next-token":
+        ids = torch.randint(0, vocab, (windows, length), generator=generator)
+        return (lambda x, chunk: next_token_loss_sum(x, ids, chunk)), (lambda x: whole_next_token_loss(x, ids))
+    teacher = (torch.randn(windows, length, vocab, generator=generator) * 3).to(dtype)
+    return (lambda x, chunk: distillation_sum(x, teacher, chunk)), (lambda x: whole_kl(x, teacher))
 
 
 class LargestFloat32(TorchDispatchMode):
@@ -32,19 +47,15 @@ class LargestFloat32(TorchDispatchMode):
         return out
 
 
-def whole_next_token_loss(logits, ids):
-    """The loss as it was computed before: one fp32 cross-entropy over every predicted token."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-
-
+@pytest.mark.parametrize("which", ["next-token", "kl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1, 5, 7, 1024])
-def test_chunked_next_token_loss_is_the_whole_loss(dtype, chunk):
+def test_the_chunked_loss_is_the_whole_loss(which, dtype, chunk):
     g = torch.Generator().manual_seed(0)
+    chunked, whole = losses(which, 3, 8, 50, dtype, g)
     logits = (torch.randn(3, 8, 50, generator=g) * 3).to(dtype)
-    ids = torch.randint(0, 50, (3, 8), generator=g)
     grads, values = [], []
-    for compute in (lambda x: next_token_loss_sum(x, ids, chunk), lambda x: whole_next_token_loss(x, ids)):
+    for compute in (lambda x: chunked(x, chunk), whole):
         leaf = logits.clone().requires_grad_(True)
         value = compute(leaf)
         (value * 0.5).backward()
@@ -56,44 +67,14 @@ def test_chunked_next_token_loss_is_the_whole_loss(dtype, chunk):
     assert not grads[0][:, -1].any()  # a window's last position predicts nothing
 
 
-def test_the_next_token_loss_makes_no_fp32_tensor_of_every_token():
+@pytest.mark.parametrize("which", ["next-token", "kl"])
+def test_no_fp32_tensor_of_every_token_is_made(which):
     vocab, chunk = 64, 16
+    chunked, whole = losses(which, 2, 65, vocab, torch.bfloat16, torch.Generator().manual_seed(0))
     logits = torch.randn(2, 65, vocab, dtype=torch.bfloat16, requires_grad=True)
-    ids = torch.randint(0, vocab, (2, 65))
-    with LargestFloat32() as chunked:
-        next_token_loss_sum(logits, ids, chunk).backward()
-    assert chunked.largest == chunk * vocab
-    with LargestFloat32() as whole:  # the check can fail: the whole loss makes [128 × 64] fp32 tensors
-        whole_next_token_loss(logits, ids).backward()
-    assert whole.largest == 2 * 64 * vocab
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [1, 5, 7, 1024])
-def test_chunked_kl_is_the_whole_kl(dtype, chunk):
-    g = torch.Generator().manual_seed(0)
-    teacher = (torch.randn(3, 8, 50, generator=g) * 3).to(dtype)
-    student = (torch.randn(3, 8, 50, generator=g) * 3).to(dtype)
-    grads, values = [], []
-    for compute in (lambda s: distillation_sum(s, teacher, chunk), lambda s: whole_kl(s, teacher)):
-        leaf = student.clone().requires_grad_(True)
-        value = compute(leaf)
-        (value * 0.5).backward()
-        values.append(value.detach())
-        grads.append(leaf.grad)
-    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-4)
-    assert grads[0].dtype == grads[1].dtype == dtype
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
-    assert not grads[0][:, -1].any()  # a window's last position predicts nothing
-
-
-def test_no_fp32_tensor_of_every_token_is_made():
-    vocab, chunk = 64, 16
-    student = torch.randn(2, 65, vocab, dtype=torch.bfloat16, requires_grad=True)
-    teacher = torch.randn(2, 65, vocab, dtype=torch.bfloat16)
-    with LargestFloat32() as chunked:
-        distillation_sum(student, teacher, chunk).backward()
-    assert chunked.largest == chunk * vocab
-    with LargestFloat32() as whole:  # the check can fail: the whole term makes [128 × 64] fp32 tensors
-        whole_kl(student, teacher).backward()
-    assert whole.largest == 2 * 64 * vocab
+    with LargestFloat32() as chunked_mode:
+        chunked(logits, chunk).backward()
+    assert chunked_mode.largest == chunk * vocab
+    with LargestFloat32() as whole_mode:  # the check can fail: the whole loss makes [128 × 64] fp32 tensors
+        whole(logits).backward()
+    assert whole_mode.largest == 2 * 64 * vocab

@@ -32,6 +32,24 @@ def _next_tokens(ids: torch.Tensor, window: int, positions: slice) -> torch.Tens
     return ids[window, positions.start + 1:positions.stop + 1]
 
 
+def _chunked_sum(logits: torch.Tensor, chunk_tokens: int, chunk_loss) -> torch.Tensor:
+    """Σ over the predicting chunks of `chunk_loss(window, positions)`, in fp32."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for window, positions in _predicting_chunks(logits, chunk_tokens):
+        total += chunk_loss(window, positions)
+    return total
+
+
+def _chunked_gradient(logits: torch.Tensor, chunk_tokens: int, grad: torch.Tensor, chunk_gradient) -> torch.Tensor:
+    """The logits' gradient, `chunk_gradient(window, positions)` (an fp32 chunk, free to be scaled in
+    place) times `grad` at each predicting chunk; zero at each window's last position, which predicts
+    nothing."""
+    grad_logits = torch.zeros_like(logits)
+    for window, positions in _predicting_chunks(logits, chunk_tokens):
+        grad_logits[window, positions] = chunk_gradient(window, positions).mul_(grad)
+    return grad_logits
+
+
 class ChunkedNextTokenLoss(torch.autograd.Function):
     """Σ −log p(next token) over predicted tokens, a chunk of tokens at a time in fp32. Saves the
     logits (in their dtype) and the ids; the backward recomputes each chunk's softmax, where the
@@ -40,25 +58,22 @@ class ChunkedNextTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, chunk_tokens: int):
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for window, positions in _predicting_chunks(logits, chunk_tokens):
-            total += nn.functional.cross_entropy(logits[window, positions].float(),
-                                                 _next_tokens(ids, window, positions), reduction="sum")
         ctx.chunk_tokens = chunk_tokens
         ctx.save_for_backward(logits, ids)
-        return total
+        return _chunked_sum(logits, chunk_tokens, lambda window, positions: nn.functional.cross_entropy(
+            logits[window, positions].float(), _next_tokens(ids, window, positions), reduction="sum"))
 
     @staticmethod
     def backward(ctx, grad):
         logits, ids = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits)  # the last position of each window predicts nothing
-        for window, positions in _predicting_chunks(logits, ctx.chunk_tokens):
+
+        def softmax_less_target(window, positions):
             chunk = nn.functional.softmax(logits[window, positions].float(), dim=-1)
             targets = _next_tokens(ids, window, positions)
             chunk[torch.arange(len(targets), device=chunk.device), targets] -= 1
-            grad_logits[window, positions] = chunk.mul_(grad)
-            del chunk
-        return grad_logits, None, None
+            return chunk
+
+        return _chunked_gradient(logits, ctx.chunk_tokens, grad, softmax_less_target), None, None
 
 
 class ChunkedDistillation(torch.autograd.Function):
@@ -68,27 +83,25 @@ class ChunkedDistillation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, chunk_tokens: int):
-        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        for window, positions in _predicting_chunks(student_logits, chunk_tokens):
-            student = nn.functional.log_softmax(student_logits[window, positions].float(), dim=-1)
-            teacher = nn.functional.log_softmax(teacher_logits[window, positions].float(), dim=-1)
-            total += nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
-            del student, teacher
         ctx.chunk_tokens = chunk_tokens
         ctx.save_for_backward(student_logits, teacher_logits)
-        return total
+
+        def kl(window, positions):
+            student = nn.functional.log_softmax(student_logits[window, positions].float(), dim=-1)
+            teacher = nn.functional.log_softmax(teacher_logits[window, positions].float(), dim=-1)
+            return nn.functional.kl_div(student, teacher, log_target=True, reduction="sum")
+
+        return _chunked_sum(student_logits, chunk_tokens, kl)
 
     @staticmethod
     def backward(ctx, grad):
         student_logits, teacher_logits = ctx.saved_tensors
-        # The last position of each window predicts nothing: its gradient is zero
-        grad_logits = torch.zeros_like(student_logits)
-        for window, positions in _predicting_chunks(student_logits, ctx.chunk_tokens):
+
+        def softmax_difference(window, positions):
             chunk = nn.functional.softmax(student_logits[window, positions].float(), dim=-1)
-            chunk -= nn.functional.softmax(teacher_logits[window, positions].float(), dim=-1)
-            grad_logits[window, positions] = chunk.mul_(grad)
-            del chunk
-        return grad_logits, None, None
+            return chunk.sub_(nn.functional.softmax(teacher_logits[window, positions].float(), dim=-1))
+
+        return _chunked_gradient(student_logits, ctx.chunk_tokens, grad, softmax_difference), None, None
 
 
 def distillation_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
