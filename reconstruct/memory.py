@@ -26,8 +26,8 @@ MMAP_THRESHOLD_BYTES = 4 * 2**20
 # Retraining on the CPU, where the host is the device: a step's activations (one window's are 1 MiB
 # per hidden-size tensor at 256 tokens of a 1B model) and the temporaries between them come and go on
 # the heap, which they fragment: a 1B model's forward pass raised resident memory by 690 MiB for 336
-# MiB of saved activations (peak 2.73 GiB); with activations mapped and unmapped, by 1.43 times less
-# (peak 2.55 GiB) in the same time: zeroing fresh pages costs little beside a CPU's matrix products.
+# MiB of saved activations (step peak 2.73 GiB); with them mapped and unmapped, the peak is 2.53 GiB
+# in the same time (docs/memory.md): zeroing fresh pages costs little beside a CPU's matrix products.
 ACTIVATION_MMAP_THRESHOLD_BYTES = 512 * 2**10
 
 

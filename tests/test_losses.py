@@ -78,3 +78,10 @@ def test_no_fp32_tensor_of_every_token_is_made(which):
     with LargestFloat32() as whole_mode:  # the check can fail: the whole loss makes [128 × 64] fp32 tensors
         whole(logits).backward()
     assert whole_mode.largest == 2 * 64 * vocab
+
+
+@pytest.mark.parametrize("which", ["next-token", "kl"])
+def test_a_chunk_of_no_tokens_is_refused(which):
+    chunked, _ = losses(which, 1, 4, 5, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="chunk_tokens must be at least 1, not 0"):
+        chunked(torch.randn(1, 4, 5), 0)

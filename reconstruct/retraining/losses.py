@@ -14,8 +14,6 @@ LOSS_CHUNK_TOKENS = 1024
 def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """Σ over predicted tokens of −log p(next token): a sum, divided once by the batch's token count.
     Computed `chunk_tokens` tokens at a time in fp32."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
     return ChunkedNextTokenLoss.apply(logits, ids, chunk_tokens)
 
 
@@ -34,6 +32,8 @@ def _next_tokens(ids: torch.Tensor, window: int, positions: slice) -> torch.Tens
 
 def _chunked_sum(logits: torch.Tensor, chunk_tokens: int, chunk_loss) -> torch.Tensor:
     """Σ over the predicting chunks of `chunk_loss(window, positions)`, in fp32."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for window, positions in _predicting_chunks(logits, chunk_tokens):
         total += chunk_loss(window, positions)
@@ -108,6 +108,4 @@ def distillation_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """Σ over predicted tokens of KL(teacher ‖ student) on the next-token distributions, computed
     `chunk_tokens` tokens at a time (no [tokens × vocabulary] fp32 tensor is made whole)."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
     return ChunkedDistillation.apply(student_logits, teacher_logits.detach(), chunk_tokens)
